@@ -1,0 +1,281 @@
+"""The experiment schema: one frozen dataclass per YAML section.
+
+Each dataclass validates its own fields in `__post_init__` and raises `ConfigError` naming the
+dotted key; `ExperimentConfig` checks the rules that span sections. Names follow
+../shared/notes/interfaces.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user mistake in an experiment config. `key` is the dotted key, when one is to blame."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}", key=key)
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}", f"must be > 0, got {value}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2-style decoder: GQA with QKV bias, SwiGLU, RMSNorm pre-norm, RoPE."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: as many KV heads as query heads
+    ffn_hidden_size: int = 256  # dense layers' intermediate size
+    vocab_size: int = 512
+    rope_base: float = 1000000.0
+    tie_embeddings: bool = False
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    backend: Literal["local", "te", "torch"] = "local"
+
+    def __post_init__(self):
+        _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
+                  "ffn_hidden_size", "vocab_size", "rope_base", "norm_eps", "init_std")
+        _require(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                 f"{self.hidden_size} is not divisible by num_attention_heads "
+                 f"{self.num_attention_heads}")
+        if self.num_query_groups is not None:
+            _positive("model", self, "num_query_groups")
+            _require(self.num_attention_heads % self.num_query_groups == 0,
+                     "model.num_query_groups", f"{self.num_query_groups} does not divide "
+                     f"num_attention_heads {self.num_attention_heads}")
+        _one_of("model.backend", self.backend, ("local", "te", "torch"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Load-balancing loss coefficients; 0 switches a term off."""
+
+    aux: float = 0.001  # switch/GShard loss per micro-batch
+    seq_aux: float = 0.0  # per sequence
+    global_aux: float = 0.0  # over the global batch
+    z: float = 0.0  # router z-loss
+
+    def __post_init__(self):
+        for name in ("aux", "seq_aux", "global_aux", "z"):
+            _require(getattr(self, name) >= 0, f"moe.balance.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts plus an optional gated shared expert. num_experts 0 means dense."""
+
+    num_experts: int = 0
+    topk: int = 2
+    expert_ffn: int = 0
+    shared_expert_ffn: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = True  # Qwen2-MoE scales the shared expert by sigmoid(x . w)
+    # HF's rule: layer i is MoE when (i + 1) % layer_freq == 0; or an explicit 0/1 list.
+    layer_freq: int | list[int] = 1
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    capacity_factor: float | None = None  # None: dropless
+    # The router's own config: {name: ..., plus that router's parameters}. Validated by
+    # moe_lab.routers, which owns the router names.
+    router: dict[str, Any] = field(default_factory=lambda: {"name": "topk_softmax"})
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def __post_init__(self):
+        if not self.enabled:
+            _require(self.num_experts == 0, "moe.num_experts", "must be >= 0")
+            return
+        _positive("moe", self, "topk", "expert_ffn")
+        _require(self.topk <= self.num_experts, "moe.topk",
+                 f"{self.topk} exceeds num_experts {self.num_experts}")
+        _require(self.shared_expert_ffn >= 0, "moe.shared_expert_ffn", "must be >= 0")
+        _one_of("moe.dispatcher", self.dispatcher, ("alltoall", "allgather"))
+        if self.capacity_factor is not None:
+            _require(self.capacity_factor > 0, "moe.capacity_factor", "must be > 0 or null")
+        _require("name" in self.router, "moe.router", "needs a name, e.g. {name: topk_softmax}")
+        if isinstance(self.layer_freq, int):
+            _require(self.layer_freq > 0, "moe.layer_freq", "must be > 0")
+        else:
+            _require(all(v in (0, 1) for v in self.layer_freq), "moe.layer_freq",
+                     "an explicit list holds only 0 (dense) and 1 (MoE)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """0/1 per layer: 1 where the layer is MoE (HF Qwen2-MoE's decoder_sparse_step rule)."""
+        if not self.enabled:
+            return [0] * num_layers
+        if isinstance(self.layer_freq, list):
+            return list(self.layer_freq)
+        return [int((i + 1) % self.layer_freq == 0) for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    sequence_parallel: bool | None = None  # None: on when tp > 1
+
+    def __post_init__(self):
+        _positive("parallel", self, "tp", "pp", "ep", "etp", "cp")
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def describe(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-ep{self.ep}-etp{self.etp}-cp{self.cp}"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay to min_lr over training.max_steps."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    clip_grad: float = 1.0  # 0: no clipping
+    distributed: bool = True  # megatron's DistributedOptimizer (ZeRO-1 over data parallel)
+
+    def __post_init__(self):
+        _positive("optimizer", self, "lr")
+        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr", "must be in [0, lr]")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 "optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seq_length: int = 128
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: no validation
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
+    recompute: Literal["none", "selective", "full"] = "none"
+    peak_tflops: float = 989.0  # per GPU, for throughput/mfu (H100/H200 dense bf16)
+
+    def __post_init__(self):
+        _positive("training", self, "max_steps", "micro_batch_size", "global_batch_size",
+                  "seq_length", "log_interval", "peak_tflops")
+        _require(self.eval_interval >= 0, "training.eval_interval", "must be >= 0")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 "training.global_batch_size", f"{self.global_batch_size} is not a multiple of "
+                 f"micro_batch_size {self.micro_batch_size}")
+        _one_of("training.precision", self.precision, ("fp32", "bf16", "fp8"))
+        _one_of("training.fp8_recipe", self.fp8_recipe,
+                ("tensorwise", "delayed", "blockwise", "mxfp8"))
+        _one_of("training.recompute", self.recompute, ("none", "selective", "full"))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0: only at the end of training)
+    keep_last: int = 0  # 0: keep every checkpoint
+    init_from: str | None = None  # weights only: fresh optimizer, schedule and step
+
+    def __post_init__(self):
+        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str | None = None
+    blend: list[list[Any]] = field(default_factory=list)  # [[weight, prefix], ...]; empty: synthetic
+    split: str = "98,1,1"
+
+    def __post_init__(self):
+        _require(not self.blend, "data.blend",
+                 "indexed datasets are not supported yet; leave it empty for synthetic tokens")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = False
+    uri: str | None = None  # default: sqlite:///<cwd>/mlruns.db
+    experiment: str | None = None
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        m, moe, p = self.model, self.moe, self.parallel
+        _require(m.num_attention_heads % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide model.num_attention_heads {m.num_attention_heads}")
+        _require(m.kv_heads % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide the {m.kv_heads} KV heads (model.num_query_groups)")
+        _require(m.num_layers % p.pp == 0, "parallel.pp",
+                 f"{p.pp} does not divide model.num_layers {m.num_layers}")
+        _require(self.training.seq_length % (p.tp * p.cp) == 0 or p.tp == 1,
+                 "training.seq_length", f"must be divisible by tp*cp = {p.tp * p.cp}")
+        _require(p.cp == 1 or m.backend == "te", "parallel.cp",
+                 f"context parallelism (cp={p.cp}) needs model.backend=te; "
+                 f"the {m.backend} backend has no context-parallel attention")
+        if moe.enabled:
+            _require(moe.num_experts % p.ep == 0, "parallel.ep",
+                     f"moe.num_experts {moe.num_experts} is not divisible by ep {p.ep}")
+            if isinstance(moe.layer_freq, list):
+                _require(len(moe.layer_freq) == m.num_layers, "moe.layer_freq",
+                         f"has {len(moe.layer_freq)} entries for {m.num_layers} layers")
+        else:
+            _require(p.ep == 1 and p.etp == 1, "parallel.ep",
+                     "expert parallelism needs a MoE model (moe.num_experts > 0)")
+        if m.backend != "te":
+            _require(self.training.precision != "fp8", "training.precision",
+                     "fp8 needs model.backend=te (Transformer Engine)")
