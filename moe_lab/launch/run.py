@@ -1,0 +1,98 @@
+"""`moe-lab train`: everything that happens before and after the training loop.
+
+Order matters: the config and the layout are checked before any process group starts, and the
+run directory is checked before anything is written into it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from moe_lab import config as config_lib
+from moe_lab.config import ConfigError, ExperimentConfig
+from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
+
+# Sections that define the model's weights: a run cannot be resumed with other values.
+_FIXED_ON_RESUME = ("model", "moe")
+
+
+def run_train(config_path: str, overrides: list[str], run_dir: str | None,
+              stop_at_step: int | None) -> int:
+    cfg = config_lib.load(config_path, overrides)
+    run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
+    env = detect_env()
+    check_layout(cfg, env.world_size)
+    use_gpu = _use_gpu(cfg)
+    _check_resume(run_dir, cfg)
+
+    if not use_gpu:
+        from moe_lab.compat import enable_cpu_compat
+
+        enable_cpu_compat()
+    init_distributed(cfg, env, use_gpu)
+    try:
+        import torch.distributed as dist
+
+        from moe_lab.train import train
+
+        sinks = _sinks(cfg, run_dir, env.rank)
+        if env.rank == 0:
+            (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+            print(f"run directory: {run_dir}  (layout {cfg.parallel.describe()}, "
+                  f"world {env.world_size}, {'GPU' if use_gpu else 'CPU'})", flush=True)
+        dist.barrier()
+        train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
+        for sink in sinks:
+            sink.close()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def _use_gpu(cfg: ExperimentConfig) -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    if cfg.training.precision != "fp32":
+        raise ConfigError(f"training.precision: {cfg.training.precision} needs a GPU; "
+                          "use fp32 on the CPU", key="training.precision")
+    if cfg.model.backend != "local":
+        raise ConfigError(f"model.backend: {cfg.model.backend} needs a GPU; use local on the CPU",
+                          key="model.backend")
+    return False
+
+
+def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume a run whose model differs from the config, before touching it."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    new = config_lib.to_dict(cfg)
+    for section in _FIXED_ON_RESUME:
+        for key, value in new[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise ConfigError(
+                    f"{section}.{key}: {value!r} differs from {saved.get(section, {}).get(key)!r} "
+                    f"in {saved_path}; resume with the same model or choose another --run-dir",
+                    key=f"{section}.{key}")
+
+
+def _sinks(cfg: ExperimentConfig, run_dir: Path, rank: int) -> list:
+    if rank != 0:
+        return []
+    from moe_lab.tracking import ConsoleSink, JsonlSink
+    from moe_lab.train.checkpoint import latest_checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(run_dir)
+    resume_step = int(latest.name.split("_")[1]) if latest else 0
+    quiet = os.environ.get("MOE_LAB_QUIET") == "1"
+    sinks = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
+    if not quiet:
+        sinks.append(ConsoleSink(cfg.training.max_steps))
+    return sinks

@@ -1,0 +1,115 @@
+"""The training run: build, resume or initialise, step, log, checkpoint.
+
+Linear build chain: TransformerConfig -> model -> DDP -> optimizer -> scheduler -> data ->
+Trainer. Runs on every rank; only global rank 0 writes metrics.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from moe_lab.config import ExperimentConfig, derive
+from moe_lab.data import SyntheticTokens, batch_indices
+from moe_lab.model import build_model, build_transformer_config
+from moe_lab.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_lab.train.step import Trainer
+
+
+def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
+          stop_at_step: int | None = None) -> TrainState:
+    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state."""
+    t = cfg.training
+    torch.manual_seed(t.seed)
+    if use_gpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(t.seed)
+    config = build_transformer_config(cfg, use_cpu_initialization=not use_gpu)
+    model = build_model(cfg, config)
+    if use_gpu:
+        model.cuda()
+    model = wrap_ddp(cfg, config, model)
+    optimizer = build_optimizer(cfg, config, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    state = _restore(cfg, run_dir, model, optimizer, scheduler)
+    for sink in sinks:
+        if hasattr(sink, "start"):
+            sink.start(state.step)
+
+    data = SyntheticTokens(cfg.model.vocab_size, t.seq_length, t.seed)
+    trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    flops_per_token = derive(cfg).flops_per_token
+    last = min(t.max_steps, stop_at_step or t.max_steps)
+    interval = cfg.checkpoint.interval
+    started = time.perf_counter()
+    steps_timed = 0
+
+    while state.step < last:
+        indices = batch_indices(state.step, t.global_batch_size, dp_rank, dp_size,
+                                t.micro_batch_size)
+        batches = [data.batch(i) for i in indices]
+        step_start = time.perf_counter()
+        metrics = trainer.step(state.step, batches)
+        if use_gpu:
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - step_start
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        steps_timed += 1
+        metrics.update(_throughput(cfg, step_time, flops_per_token, use_gpu))
+        metrics["eta_s"] = (time.perf_counter() - started) / steps_timed * (last - state.step)
+        if state.step % t.log_interval == 0 or state.step == last:
+            for sink in sinks:
+                sink.log(state.step, metrics)
+        if (interval and state.step % interval == 0) or state.step == last:
+            save_checkpoint(run_dir, state, model, optimizer, scheduler,
+                            keep_last=cfg.checkpoint.keep_last)
+    return state
+
+
+def _restore(cfg, run_dir, model, optimizer, scheduler) -> TrainState:
+    """Resume the run in run_dir, or start from checkpoint.init_from's weights, or fresh."""
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        _say(f"resumed from {latest} at step {state.step}")
+        return state
+    if cfg.checkpoint.init_from:
+        source = Path(cfg.checkpoint.init_from)
+        load_checkpoint(latest_checkpoint(source) or source, model)
+        _say(f"initialised weights from {source}")
+    return TrainState()
+
+
+def _throughput(cfg, step_time: float, flops_per_token: float, use_gpu: bool) -> dict:
+    tokens_per_s = cfg.training.global_batch_size * cfg.training.seq_length / step_time
+    tflops = tokens_per_s * flops_per_token / dist.get_world_size() / 1e12
+    metrics = {"throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops,
+               "step_time_s": step_time}
+    if use_gpu:
+        metrics["throughput/mfu"] = tflops / cfg.training.peak_tflops
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        # ru_maxrss is KiB on Linux: the process's peak resident memory.
+        metrics["memory/peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics
+
+
+def _say(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)

@@ -1,0 +1,109 @@
+"""One training step: micro-batches through megatron's forward-backward schedule, then the
+optimizer. Returns a metrics dict with the keys of interfaces.md."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+
+# megatron's tracker name -> moe.balance coefficient name
+_BALANCE_TERMS = {"load_balancing_loss": "aux", "seq_load_balancing_loss": "seq_aux",
+                  "global_load_balancing_loss": "global_aux", "z_loss": "z"}
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of token losses and token count; megatron divides by the count across micro-batches."""
+    total = (per_token_loss.float() * loss_mask).sum()
+    count = loss_mask.sum().to(torch.int)
+    return total, count, {"lm": torch.stack([total.detach(), count.detach().float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    tokens, labels = batch["tokens"], batch["labels"]
+    device = next(model.parameters()).device
+    tokens, labels = tokens.to(device), labels.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)
+    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float))
+
+
+class Trainer:
+    """Holds what a step needs; `step()` trains one global batch."""
+
+    def __init__(self, cfg, config, model, optimizer, scheduler, data):
+        self.cfg, self.config = cfg, config
+        self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.forward_backward = get_forward_backward_func()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.moe_pattern = cfg.moe.moe_layers(cfg.model.num_layers)
+
+    def step(self, step: int, batches: list[dict]) -> dict[str, float]:
+        """Train on this rank's micro-batches of global step `step` (0-based)."""
+        t = self.cfg.training
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
+        metrics.update(self._balance_losses(len(batches)))
+        metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _reduce_lm_loss(self, outputs: list[dict]) -> float:
+        """Token-weighted mean over micro-batches and DP ranks, delivered to every rank."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for out in outputs:  # empty on pipeline stages without the loss
+            total += out["lm"].detach().double().cpu()
+        if self.cfg.parallel.pp > 1 or self.dp_size > 1:
+            total = total.to(next(self.model.parameters()).device)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+                with_context_parallel=True))
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+            total = total.cpu()
+        return float(total[0] / total[1])
+
+    def _balance_losses(self, num_microbatches: int) -> dict[str, float]:
+        """MoE balancing losses from megatron's tracker, averaged over MoE layers (1.0 is
+        balanced for the aux losses); their coefficient-weighted sum over layers joins `loss`."""
+        if not self.cfg.moe.enabled:
+            return {}
+        tracker = get_moe_metrics_tracker()
+        names = [n for n, coeff in _BALANCE_TERMS.items()
+                 if getattr(self.cfg.moe.balance, coeff) > 0]
+        if not names:
+            return {}
+        totals: dict = {}
+        tracker.report(loss_scale=1.0 / num_microbatches, iteration=0, track_names=names,
+                       num_layers=self.cfg.model.num_layers, moe_layer_freq=self.moe_pattern,
+                       force_initialize=True, total_loss_dict=totals)
+        layers = sum(self.moe_pattern)
+        metrics, weighted, aux = {}, 0.0, 0.0
+        for name in names:
+            value = float(totals.get(name, 0.0))
+            weighted += getattr(self.cfg.moe.balance, _BALANCE_TERMS[name]) * value * layers
+            if name == "z_loss":
+                metrics["loss/z"] = value
+            else:
+                aux += value
+        if any(n != "z_loss" for n in names):
+            metrics["loss/aux"] = aux
+        metrics["_weighted_balance"] = weighted
+        return metrics
