@@ -276,6 +276,9 @@ class ExperimentConfig:
         else:
             _require(p.ep == 1 and p.etp == 1, "parallel.ep",
                      "expert parallelism needs a MoE model (moe.num_experts > 0)")
+        _require(self.optimizer.warmup_steps < self.training.max_steps, "optimizer.warmup_steps",
+                 f"{self.optimizer.warmup_steps} must be below training.max_steps "
+                 f"{self.training.max_steps}")
         if m.backend != "te":
             _require(self.training.precision != "fp8", "training.precision",
                      "fp8 needs model.backend=te (Transformer Engine)")
