@@ -36,11 +36,14 @@ if [ ! -f "$venv/.complete" ]; then
   echo "setup: creating $venv with $python (one-off; torch is a large download)"
   rm -rf "$venv"
   PYENV_VERSION=3.12.1 "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q --no-cache-dir -r "$lock"
+  # pip warns once per package about this machine's local mirrors; keep the real errors.
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  "$venv/bin/python" -m pip install -q --no-cache-dir -r "$lock" 2>&1 | grep -v "is ignored" || true
+  "$venv/bin/python" -c "import torch, megatron.core, yaml, psutil, pytest" # fail loudly here
   touch "$venv/.complete"
 fi
 
 # Point the editable install at this clone (seconds; no downloads).
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
+  "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e .
 ln -sfn "$venv" .venv

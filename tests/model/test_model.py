@@ -1,0 +1,90 @@
+"""The Qwen2-MoE model on megatron-core: structure, parameter count, forward and backward.
+
+Runs in this process as a world of one (gloo) with the CPU compatibility layer.
+Run: pytest tests/model
+"""
+
+import pytest
+import torch
+
+from moe_lab import config as C
+from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
+from moe_lab.model import build_model, build_transformer_config
+
+from ..conftest import TINY_DENSE, TINY_MOE
+
+
+@pytest.fixture(scope="module")
+def world():
+    from moe_lab.compat import enable_cpu_compat
+
+    enable_cpu_compat()
+    cfg = C.load(TINY_MOE)
+    init_distributed(cfg, detect_env({}), use_gpu=False)
+    yield
+    shutdown_distributed()
+
+
+def build(path, overrides=()):
+    cfg = C.load(path, list(overrides))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, build_transformer_config(cfg, use_cpu_initialization=True))
+
+
+def forward_backward(cfg, model):
+    tokens = torch.randint(cfg.model.vocab_size, (2, cfg.training.seq_length))
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    loss = model(tokens, positions, None, labels=tokens).mean()
+    loss.backward()
+    return loss
+
+
+def test_tiny_moe_structure_matches_qwen2_moe(world):
+    cfg, model = build(TINY_MOE)
+    assert sum(p.numel() for p in model.parameters()) == C.derive(cfg).total_params
+    layer = model.decoder.layers[0]
+    assert layer.self_attention.linear_qkv.bias is not None  # QKV bias
+    moe = layer.mlp
+    assert len(moe.experts.local_experts) == 8 and moe.router.topk == 2
+    assert moe.shared_experts.gate_weight.shape == (1, 64)  # sigmoid-gated shared expert
+    assert moe.experts.local_experts[0].linear_fc1.weight.shape == (2 * 32, 64)  # SwiGLU
+    assert model.rotary_pos_emb is not None
+    assert isinstance(model.decoder.final_layernorm, torch.nn.RMSNorm)
+
+
+def test_tiny_moe_forward_backward_reaches_every_part(world):
+    cfg, model = build(TINY_MOE)
+    loss = forward_backward(cfg, model)
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(256.0))) < 0.5
+    moe = model.decoder.layers[0].mlp
+    for name, param in [("router", moe.router.weight),
+                        ("shared gate", moe.shared_experts.gate_weight),
+                        ("embedding", model.embedding.word_embeddings.weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_tiny_dense_forward_backward(world):
+    cfg, model = build(TINY_DENSE)
+    assert sum(p.numel() for p in model.parameters()) == C.derive(cfg).total_params
+    loss = forward_backward(cfg, model)
+    assert torch.isfinite(loss)
+    assert model.decoder.layers[0].mlp.linear_fc1.weight.grad.abs().sum() > 0
+
+
+def test_moe_on_a_subset_of_layers_and_tied_embeddings(world):
+    cfg, model = build(TINY_MOE, ["moe.layer_freq=2", "model.tie_embeddings=true"])
+    kinds = [type(layer.mlp).__name__ for layer in model.decoder.layers]
+    assert kinds == ["MLP", "MoELayer", "MLP", "MoELayer"]
+    assert model.output_layer.weight is None  # the LM head reuses the embedding
+    assert sum(p.numel() for p in model.parameters()) == C.derive(cfg).total_params
+
+
+def test_norm_topk_prob_chooses_megatrons_softmax_order(world):
+    _, plain = build(TINY_MOE, ["moe.router.norm_topk_prob=false"])
+    _, renorm = build(TINY_MOE, ["moe.router.norm_topk_prob=true"])
+    assert plain.config.moe_router_pre_softmax is True
+    assert renorm.config.moe_router_pre_softmax is False
+    x = torch.randn(16, 64)
+    probs, routing_map = renorm.decoder.layers[0].mlp.router(x.unsqueeze(1))
+    assert torch.allclose(probs.sum(-1), torch.ones(16), atol=1e-5)
+    assert (routing_map.sum(-1) == 2).all()
