@@ -215,6 +215,7 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    enabled: bool = True  # false: never save (benchmarks, smoke tests)
     interval: int = 0  # save every N steps (0: only at the end of training)
     keep_last: int = 0  # 0: keep every checkpoint
     init_from: str | None = None  # weights only: fresh optimizer, schedule and step

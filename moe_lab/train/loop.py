@@ -76,7 +76,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         if state.step % t.log_interval == 0 or state.step == last:
             for sink in sinks:
                 sink.log(state.step, metrics)
-        if (interval and state.step % interval == 0) or state.step == last:
+        due = (interval and state.step % interval == 0) or state.step == last
+        if cfg.checkpoint.enabled and due:
             save_checkpoint(run_dir, state, model, optimizer, scheduler,
                             keep_last=cfg.checkpoint.keep_last)
     return state
