@@ -1,15 +1,18 @@
 """`moe-lab` / `python -m moe_lab`: the command line.
 
-A user mistake (bad config, bad layout, missing file) ends with one line on stderr and exit code
-2; `--debug` shows the traceback instead.
+Subcommands live in `moe_lab.launch.commands`, one module each. A user mistake (bad config, bad
+layout, missing file) ends with one line on stderr and exit code 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from moe_lab.config import ConfigError
+from moe_lab.launch.commands import COMMANDS
 
 EXAMPLES = """examples:
   moe-lab train experiments/tiny_moe.yaml
@@ -19,37 +22,19 @@ EXAMPLES = """examples:
 """
 
 
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad flag combination): one line, exit code 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-lab", description="Mixture-of-Experts research on megatron-core.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show Python tracebacks and library warnings")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser(
-        "train", help="train, or resume the run in --run-dir",
-        description="Train a model from an experiment config; resume when --run-dir holds a run.",
-        epilog="example: moe-lab train experiments/tiny_moe.yaml training.max_steps=50",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", help="experiment YAML file or preset name")
-    train.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted config overrides, e.g. optimizer.lr=1e-3")
-    train.add_argument("--run-dir", help="run directory (default: runs/<config file stem>)")
-    train.add_argument("--stop-at-step", type=int, metavar="N",
-                       help="save a checkpoint and exit after step N; the LR schedule still "
-                            "follows training.max_steps (like Megatron's --exit-interval)")
-
-    config = commands.add_parser("config", help="inspect experiment configs")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_commands.add_parser(
-        "show", help="print the resolved config and derived numbers",
-        description="Print the resolved config (base: chain and overrides applied) and the "
-                    "numbers derived from it, without building anything.",
-        epilog="example: moe-lab config show qwen2-57b-a14b parallel.ep=8",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    show.add_argument("config", help="experiment YAML file or preset name")
-    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"moe_lab.launch.commands.{name}").register(subparsers)
     return parser
 
 
@@ -66,29 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _quiet_libraries()
     try:
-        if args.command == "train":
-            from moe_lab.launch.run import run_train
-
-            return run_train(args.config, args.overrides, args.run_dir, args.stop_at_step)
-        if args.command == "config":
-            return _config_show(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
+        return args.handler(args)
+    except (ConfigError, UserError, FileNotFoundError) as err:
         if args.debug:
             raise
         print(f"moe-lab: error: {err}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _config_show(path: str, overrides: list[str]) -> int:
-    from moe_lab import config as config_lib
-
-    cfg = config_lib.load(path, overrides)
-    print(config_lib.dump(cfg), end="")
-    print("# derived")
-    for line in config_lib.derive(cfg).as_lines():
-        print(f"#   {line}")
-    return 0
 
 
 def _quiet_libraries() -> None:
@@ -97,7 +65,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine|absl).*")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r".*(Apex|Transformer Engine|absl|non-leaf Tensor).*")
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
