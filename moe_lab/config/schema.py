@@ -242,6 +242,10 @@ class TrackingConfig:
     uri: str | None = None  # default: sqlite:///<cwd>/mlruns.db
     experiment: str | None = None
     run_name: str | None = None
+    # Set by `moe-lab sweep` for each member: the member's MLflow run becomes a child of the
+    # sweep's parent run (tag mlflow.parentRunId) and carries the sweep id as a tag.
+    parent_run_id: str | None = None
+    sweep_id: str | None = None
 
 
 @dataclass(frozen=True)
