@@ -39,7 +39,8 @@ if [ ! -f "$venv/.complete" ]; then
   # pip warns once per package about this machine's local mirrors; keep the real errors.
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   "$venv/bin/python" -m pip install -q --no-cache-dir -r "$lock" 2>&1 | grep -v "is ignored" || true
-  "$venv/bin/python" -c "import torch, megatron.core, yaml, psutil, pytest" # fail loudly here
+  check="import torch, megatron.core, yaml, psutil, pytest, mlflow, tokenizers, transformers"
+  "$venv/bin/python" -W ignore -c "$check" 2>/dev/null || "$venv/bin/python" -c "$check"
   touch "$venv/.complete"
 fi
 
