@@ -60,9 +60,9 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
     if cfg.training.precision != "fp32":
         raise ConfigError(f"training.precision: {cfg.training.precision} needs a GPU; "
                           "use fp32 on the CPU", key="training.precision")
-    if cfg.model.backend != "local":
-        raise ConfigError(f"model.backend: {cfg.model.backend} needs a GPU; use local on the CPU",
-                          key="model.backend")
+    if cfg.model.backend == "te":
+        raise ConfigError("model.backend: te (Transformer Engine) needs a GPU; use local or "
+                          "torch on the CPU", key="model.backend")
     return False
 
 

@@ -1,6 +1,8 @@
 """Layer specs: which megatron-core modules make up a dense and a MoE transformer layer.
 
-The one place where `model.backend` chooses modules. MoE layers fill megatron's `MoESubmodules`
+The one place where `model.backend` chooses modules: `local` (megatron's own modules), `te`
+(Transformer Engine: fused attention and norms, grouped-GEMM experts, FP8) and `torch` (no TE:
+SDPA attention and moe_lab's grouped-GEMM experts). MoE layers fill megatron's `MoESubmodules`
 slots (experts, shared experts, router) through its extension points; the router builder comes
 from `moe_lab.routers`.
 """
@@ -27,6 +29,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from moe_lab.experts import GroupedGemmExperts
+from moe_lab.model.attention import SDPACoreAttention
 from moe_lab.model.norm import RMSNorm
 
 
@@ -40,17 +44,21 @@ def _backend_provider(backend: str):
     return LocalSpecProvider()
 
 
-def _moe_mlp(backend: str, router_builder, grouped_gemm: bool):
+def _moe_mlp(backend: str, router_builder):
     provider = _backend_provider(backend)
     shared_mlp = MLPSubmodules(
         linear_fc1=provider.column_parallel_linear(),
         linear_fc2=provider.row_parallel_linear(),
         activation_func=provider.activation_func(),
     )
+    if backend == "torch":
+        experts = GroupedGemmExperts
+    else:
+        experts = provider.grouped_mlp_modules(backend == "te")
     return partial(
         MoELayer,
         submodules=MoESubmodules(
-            experts=provider.grouped_mlp_modules(grouped_gemm),
+            experts=experts,
             shared_experts=partial(SharedExpertMLP, submodules=shared_mlp),
             router=router_builder,
         ),
@@ -68,6 +76,11 @@ def _layer_spec(backend: str, num_experts: int | None, moe_mlp) -> ModuleSpec:
     else:
         sub = get_gpt_layer_local_submodules(num_experts=None, normalization="RMSNorm")
         sub = dataclasses.replace(sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+        if backend == "torch":
+            attention = dataclasses.replace(sub.self_attention.submodules,
+                                            core_attention=SDPACoreAttention)
+            sub = dataclasses.replace(sub, self_attention=dataclasses.replace(
+                sub.self_attention, submodules=attention))
     if is_moe:
         sub = dataclasses.replace(sub, mlp=moe_mlp)
     return ModuleSpec(module=TransformerLayer, submodules=sub)
@@ -75,7 +88,7 @@ def _layer_spec(backend: str, num_experts: int | None, moe_mlp) -> ModuleSpec:
 
 def block_spec(config, backend: str, moe_pattern: list[int], router_builder, pp_rank=None):
     """The TransformerBlock spec for this pipeline stage's layers."""
-    moe_mlp = _moe_mlp(backend, router_builder, grouped_gemm=backend == "te")
+    moe_mlp = _moe_mlp(backend, router_builder)
     specs = [
         _layer_spec(backend, config.num_moe_experts if is_moe else None, moe_mlp)
         for is_moe in moe_pattern

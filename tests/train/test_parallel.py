@@ -1,4 +1,4 @@
-"""Parallel layouts under gloo give the losses and grad norms of one process.
+"""Parallel layouts (and backends) under gloo give the losses and grad norms of one process.
 
 One 2-step checkpoint is continued for 3 steps in each layout (weights from the checkpoint, so
 every layout starts from the same experts; dropout is 0). Each case is a real torchrun launch.
@@ -20,6 +20,10 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     "dp2": (2, []),
     "tp2_ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
+    # the torch backend (grouped-GEMM experts, SDPA attention) loads the local backend's
+    # checkpoint layout and computes the same
+    "torch_backend": (1, ["model.backend=torch"]),
+    "torch_backend_ep2": (2, ["model.backend=torch", "parallel.ep=2"]),
 }
 
 
