@@ -1,0 +1,50 @@
+"""moe-lab models for the bench, built by the same chain as `moe-lab train` (TransformerConfig ->
+GPTModel -> DDP -> megatron optimizer with fp32 master weights -> Trainer), one micro-batch per
+step. Variant names: mcore_<backend>_<precision>, e.g. mcore_torch_bf16, mcore_te_fp8."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moe_lab.data import SyntheticTokens
+from moe_lab.model import build_model, build_transformer_config
+from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_lab.train.step import Trainer
+
+
+def variant_config(cfg, variant: str):
+    _, backend, precision = variant.split("_")
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, backend=backend),
+        training=dataclasses.replace(cfg.training, precision=precision),
+    )
+
+
+def build_step(cfg, variant: str, device):
+    cfg = variant_config(cfg, variant)
+    cuda = device.type == "cuda"
+    config = build_transformer_config(cfg, use_cpu_initialization=not cuda)
+    model = build_model(cfg, config)
+    if cuda:
+        model.cuda()
+    model = wrap_ddp(cfg, config, model)
+    optimizer = build_optimizer(cfg, config, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
+    batch = data.batch(list(range(cfg.training.micro_batch_size)))
+    trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
+    counter = iter(range(10**9))
+
+    def step():
+        trainer.step(next(counter), [batch])
+
+    return step, (model, optimizer, trainer)
+
+
+def is_variant(name: str) -> bool:
+    parts = name.split("_")
+    return (len(parts) == 3 and parts[0] == "mcore" and parts[1] in ("local", "te", "torch")
+            and parts[2] in ("fp32", "bf16", "fp8"))

@@ -1,0 +1,94 @@
+"""`moe-lab bench`: training-step speed of moe-lab backends and transformers, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+
+DEFAULT_VARIANTS = "hf_grouped_bf16,hf_grouped_fp32,mcore_te_bf16,mcore_torch_bf16"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time training steps of moe-lab backends against transformers",
+        description="Build each variant in turn in this process (same shape, tokens and AdamW), "
+                    "time fwd+bwd+optimizer steps (median after warm-up) and print tokens/s, "
+                    "model TFLOP/s, MFU, peak memory, wall/GPU/host time per step and the "
+                    "ratio of every row to each transformers baseline.",
+        epilog="example: moe-lab bench --preset qwen1.5-moe-a2.7b --layers 4 --seq 4096 --mbs 4 "
+               "--variants hf_grouped_bf16,mcore_torch_bf16,mcore_te_fp8 --out bench.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="qwen1.5-moe-a2.7b",
+                        help="experiment config or preset giving the model shape")
+    parser.add_argument("--layers", type=int, default=4, help="number of layers to keep")
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length")
+    parser.add_argument("--mbs", type=int, default=1, help="micro-batch size (sequences)")
+    parser.add_argument("--variants", "--backends", default=DEFAULT_VARIANTS,
+                        help="comma list of hf_eager, hf_grouped_bf16, hf_grouped_fp32, "
+                             "mcore_{local,te,torch}_{fp32,bf16,fp8}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="per-GPU peak for MFU (989 = H100/H200 dense bf16)")
+    parser.add_argument("--out", help="also write the rows as JSON to this file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="further config overrides, e.g. moe.topk=8")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from moe_lab import config as config_lib
+    from moe_lab.bench import hf, mcore
+    from moe_lab.bench.report import BenchRow, make_row, render, to_json
+    from moe_lab.bench.timing import measure
+    from moe_lab.launch.cli import UserError
+    from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in hf.VARIANTS and not mcore.is_variant(v):
+            raise UserError(f"--variants: unknown variant {v!r}")
+    cfg = config_lib.load(args.preset, [
+        f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
+        f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
+        "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides])
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from moe_lab.compat import enable_cpu_compat
+
+        enable_cpu_compat()
+    device = torch.device("cuda" if cuda else "cpu")
+    init_distributed(cfg, detect_env({}), use_gpu=cuda)
+    flops = config_lib.derive(cfg).flops_per_token
+    tokens = args.mbs * args.seq
+    rows = []
+    try:
+        for variant in variants:
+            module = hf if variant in hf.VARIANTS else mcore
+            try:
+                step, keep = module.build_step(cfg, variant, device)
+                timing = measure(step, warmup=args.warmup, steps=args.steps)
+                rows.append(make_row(variant, timing, tokens, flops, args.peak_tflops))
+            except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
+                rows.append(BenchRow(variant, 0, 0, 0, None, error=str(err).splitlines()[0][:120]))
+            finally:
+                step = keep = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            last = rows[-1]
+            print(f"{variant}: " + (f"{last.tokens_per_s:,.0f} tokens/s" if last.error is None
+                                    else f"failed: {last.error}"), flush=True)
+    finally:
+        shutdown_distributed()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"\n{args.preset}, {args.layers} layers, seq {args.seq}, mbs {args.mbs}, {name}")
+    print(render(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args) | {"handler": None},
+                                              "device": name, "rows": to_json(rows)}, indent=1))
+    return 0 if all(r.error is None for r in rows) else 1

@@ -1,0 +1,31 @@
+"""`moe-lab bench` end to end on the CPU with the tiny model: every variant builds, trains and
+lands in the table and the JSON. (Speed itself is measured on the GPU machine.)
+
+Run: pytest tests/bench
+"""
+
+import json
+
+from moe_lab.testing import run_cli
+
+from ..conftest import TINY_MOE
+
+
+def test_bench_times_transformers_and_moe_lab_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--preset", TINY_MOE, "--layers", "2", "--seq", "32", "--mbs", "2",
+                      "--variants", "hf_grouped_fp32,mcore_local_fp32,mcore_torch_fp32",
+                      "--warmup", "1", "--steps", "2", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("| variant |")[1]
+    for name in ("hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32"):
+        assert f"| {name} |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32"]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_unknown_variant_is_one_line():
+    result = run_cli(["bench", "--variants", "mcore_fast_bf16"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "moe-lab: error: --variants: unknown variant 'mcore_fast_bf16'"
