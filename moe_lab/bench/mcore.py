@@ -26,6 +26,11 @@ def variant_config(cfg, variant: str):
 def build_step(cfg, variant: str, device):
     cfg = variant_config(cfg, variant)
     cuda = device.type == "cuda"
+    torch.manual_seed(cfg.training.seed)
+    if cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(cfg.training.seed)
     config = build_transformer_config(cfg, use_cpu_initialization=not cuda)
     model = build_model(cfg, config)
     if cuda:
