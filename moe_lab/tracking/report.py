@@ -132,7 +132,7 @@ _PAGE = """<!doctype html>
  th, td {{ padding: 7px 12px; border-bottom: 1px solid #e3e6eb; text-align: left; }}
  th {{ background: #eef1f5; font-weight: 600; }}
  td:nth-last-child(-n+4) {{ text-align: right; font-variant-numeric: tabular-nums; }}
- .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr));
+ .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr));
           gap: 16px; }}
  .card {{ background: #fff; padding: 12px 16px; border-radius: 6px;
           box-shadow: 0 1px 2px rgba(0,0,0,.08); }}

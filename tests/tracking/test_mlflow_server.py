@@ -128,7 +128,7 @@ def test_batches_stay_within_mlflow_limits(server_url, client):
 
 def test_unknown_parent_or_resumed_run_is_a_one_line_error(server_url, tmp_path):
     missing = "deadbeef" * 4
-    with pytest.raises(ConfigError, match=rf"^tracking.parent_run_id: MLflow run {missing} is not "):
+    with pytest.raises(ConfigError, match=rf"^tracking.parent_run_id: MLflow run {missing} "):
         make_sink(tmp_path / "a", f"tracking.uri={server_url}", f"tracking.parent_run_id={missing}")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "mlflow_run_id").write_text("f" * 32 + "\n")

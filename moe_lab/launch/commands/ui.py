@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 
 
 def register(subparsers) -> None:
@@ -12,7 +14,8 @@ def register(subparsers) -> None:
         description="Start `mlflow server` on 127.0.0.1 (one worker, background jobs off, "
                     "telemetry off) over the default store (sqlite:///<cwd>/mlruns.db, "
                     "artifacts in <cwd>/mlartifacts) and print its URL. Ctrl-C stops it.",
-        epilog="examples:\n  moe-lab ui\n  moe-lab ui --port 5001 --uri sqlite:////shared/mlruns.db",
+        epilog="examples:\n  moe-lab ui\n"
+               "  moe-lab ui --port 5001 --uri sqlite:////shared/mlruns.db",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     parser.add_argument("--uri", help="tracking store (default: sqlite:///<cwd>/mlruns.db)")
@@ -30,6 +33,8 @@ def run(args) -> int:
     _check_port_free(args.port)
     url = f"http://127.0.0.1:{args.port}"
     print(f"starting the MLflow UI over {uri} ...", flush=True)
+    # `kill` (SIGTERM) stops the server too, like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process = start_server(uri, args.port, dict(os.environ))
     try:
         if not wait_until_healthy(url, process):
