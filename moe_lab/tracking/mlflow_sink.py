@@ -122,11 +122,12 @@ class MlflowSink:
         began = time.perf_counter()
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
-            if key in _NOT_LOGGED or not isinstance(value, (int, float)):
+            number = _number(value)
+            if key in _NOT_LOGGED or number is None:
                 continue
             if split != "train" and not key.startswith(f"{split}/"):
                 key = f"{split}/{key}"  # e.g. a valid row's plain `loss` is `valid/loss`
-            self._buffer.append([key, float(value), timestamp, step])
+            self._buffer.append([key, number, timestamp, step])
         self._last_step = max(self._last_step, step)
         if (len(self._buffer) >= store.MAX_METRICS
                 or began - self._last_flush >= FLUSH_SECONDS):
@@ -238,6 +239,16 @@ def _run_tags(cfg: ExperimentConfig, run_dir: Path) -> dict[str, str]:
     if t.sweep_id:
         tags["sweep_id"] = t.sweep_id
     return tags
+
+
+def _number(value) -> float | None:
+    """Python and numpy scalars and 0-d tensors are metrics; strings and arrays are not."""
+    if isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _existing_run(client, run_id: str, uri: str, key: str):

@@ -79,3 +79,15 @@ def test_expert_load_heatmap_files_and_bad_shape(tmp_path):
     np.testing.assert_array_equal(np.load(npy), counts)
     with pytest.raises(ValueError, match=r"expected \[moe_layers, experts\], got shape \(4,\)"):
         expert_load.check_matrix(np.ones(4))
+
+
+def test_tracking_commands_and_options_are_frozen():
+    from moe_lab.launch.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    options = {name: {o for a in commands[name]._actions for o in a.option_strings}
+               for name in ("ui", "compare")}
+    assert {"--port", "--uri"} <= options["ui"]
+    assert {"--metric", "--out", "--uri"} <= options["compare"]
+    sync = commands["tracking"]._subparsers._group_actions[0].choices["sync"]
+    assert "--uri" in {o for a in sync._actions for o in a.option_strings}
