@@ -91,3 +91,21 @@ def test_tracking_commands_and_options_are_frozen():
     assert {"--metric", "--out", "--uri"} <= options["compare"]
     sync = commands["tracking"]._subparsers._group_actions[0].choices["sync"]
     assert "--uri" in {o for a in sync._actions for o in a.option_strings}
+
+
+@pytest.mark.slow
+def test_only_rank_0_logs_a_two_rank_run(tmp_path):
+    from moe_lab.testing import run_distributed
+    from moe_lab.tracking.store import MlflowClient
+
+    result = run_distributed(2, ["train", TINY_MOE, "--run-dir", "run", "training.max_steps=3",
+                                 "training.log_interval=1", "optimizer.warmup_steps=1",
+                                 "parallel.ep=2", "checkpoint.enabled=false"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("moe-lab").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run.data.tags["world_size"], run.data.tags["parallel.layout"]) == \
+        ("2", "tp1-pp1-ep2-etp1-cp1")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]

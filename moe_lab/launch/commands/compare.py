@@ -11,10 +11,10 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="HTML report + markdown table comparing an experiment's or sweep's runs",
-        description="Compare the runs of an MLflow experiment, or the child runs of a sweep's "
-                    "parent run (by run id or name): loss and validation-loss curves, "
-                    "load-imbalance curves, a final-value table with the varied params as "
-                    "columns and the expert-load heatmaps side by side, as one self-contained "
+        description="Compare the runs of an MLflow experiment, or the child runs of a sweep's\n"
+                    "parent run (by run id or name): loss and validation-loss curves,\n"
+                    "load-imbalance curves, a final-value table with the varied params as\n"
+                    "columns and the expert-load heatmaps side by side, as one self-contained\n"
                     "HTML file plus PNGs in --out. The table also goes to stdout as markdown.",
         epilog="examples:\n  moe-lab compare router_ablation\n"
                "  moe-lab compare 3f2c9a...e1 --metric loss/lm --out reports/routers\n"

@@ -12,9 +12,9 @@ def register(subparsers) -> None:
     actions = tracking.add_subparsers(dest="tracking_command", required=True, metavar="ACTION")
     sync = actions.add_parser(
         "sync", help="upload RUN_DIR/mlflow_offline.jsonl to the run's MLflow store",
-        description="Replay the records a run kept in RUN_DIR/mlflow_offline.jsonl while its "
-                    "tracking store did not answer: into the same MLflow run (created now if "
-                    "training never reached the store). The journal is kept, renamed "
+        description="Replay the records a run kept in RUN_DIR/mlflow_offline.jsonl while its\n"
+                    "tracking store did not answer into the same MLflow run (created now if\n"
+                    "training never reached the store). The journal is kept, renamed\n"
                     "mlflow_offline.synced-<time>.jsonl.",
         epilog="examples:\n  moe-lab tracking sync runs/tiny_moe\n"
                "  moe-lab tracking sync runs/tiny_moe --uri http://mlflow.internal:5000",

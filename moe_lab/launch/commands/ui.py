@@ -11,8 +11,8 @@ import sys
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "ui", help="start the MLflow UI on 127.0.0.1 over the tracking store",
-        description="Start `mlflow server` on 127.0.0.1 (one worker, background jobs off, "
-                    "telemetry off) over the default store (sqlite:///<cwd>/mlruns.db, "
+        description="Start `mlflow server` on 127.0.0.1 (one worker, background jobs off,\n"
+                    "telemetry off) over the default store (sqlite:///<cwd>/mlruns.db,\n"
                     "artifacts in <cwd>/mlartifacts) and print its URL. Ctrl-C stops it.",
         epilog="examples:\n  moe-lab ui\n"
                "  moe-lab ui --port 5001 --uri sqlite:////shared/mlruns.db",
