@@ -38,8 +38,9 @@ def save(directory: Path, step: int, counts: np.ndarray, layer_numbers: list[int
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"step_{step:07d}"
     np.save(stem.with_suffix(".npy"), counts)
-    fig = Figure(figsize=(1.2 + 0.35 * counts.shape[1], 1.0 + 0.35 * counts.shape[0]),
-                 layout="constrained")
+    # Cells of ~0.35 inch, within 16 x 12 inches (a 60-expert, 24-layer model fills it).
+    fig = Figure(figsize=(min(16.0, 1.6 + 0.35 * counts.shape[1]),
+                          min(12.0, 1.0 + 0.35 * counts.shape[0])), layout="constrained")
     ax = fig.subplots()
     image = draw(ax, counts, layer_numbers, title or f"step {step}")
     fig.colorbar(image, ax=ax, label="load / fair share")
