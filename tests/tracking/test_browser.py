@@ -172,3 +172,16 @@ def test_compare_of_an_unknown_target_is_one_line(sweep):
         "moe-lab: error: no_such_sweep: no experiment, parent run id or parent run name of that "
         "name in the store"]
     assert not (REPO / "compare").exists() and not (sweep.root / "compare").exists()
+
+
+def test_a_sweep_is_found_by_parent_id_parent_name_or_experiment(sweep):
+    from moe_lab.tracking import store
+    from moe_lab.tracking.compare import NothingToCompare, find_runs
+
+    client = store.MlflowClient(sweep.uri)
+    for target in (sweep.parent, "lr_sweep", "lr_study", sweep.experiment):
+        title, experiment, runs = find_runs(client, target)
+        assert sorted(r.info.run_id for r in runs) == sorted(sweep.children), target
+        assert experiment == sweep.experiment
+    with pytest.raises(NothingToCompare, match="has no child runs"):
+        find_runs(client, sweep.children[0])
