@@ -18,6 +18,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A run directory holding a 2-step checkpoint of the tiny MoE, for layouts to continue."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
     result = run_cli(["train", TINY_MOE, "--run-dir", str(run_dir), "training.max_steps=2",
-                      "optimizer.warmup_steps=0"])
+                      "optimizer.warmup_steps=0", "tracking.enabled=false"])
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

@@ -238,14 +238,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = False
-    uri: str | None = None  # default: sqlite:///<cwd>/mlruns.db
-    experiment: str | None = None
-    run_name: str | None = None
+    """Every run is an MLflow run unless enabled is false (docs/tracking.md)."""
+
+    enabled: bool = True
+    uri: str | None = None  # default: sqlite:///<cwd>/mlruns.db, artifacts in <cwd>/mlartifacts
+    experiment: str | None = None  # default: moe-lab
+    run_name: str | None = None  # default: the run directory's name
     # Set by `moe-lab sweep` for each member: the member's MLflow run becomes a child of the
     # sweep's parent run (tag mlflow.parentRunId) and carries the sweep id as a tag.
     parent_run_id: str | None = None
     sweep_id: str | None = None
+    # Log the [MoE layers, experts] load matrix (.npy + heatmap) every N steps and at the last
+    # step; 0: never.
+    expert_load_interval: int = 100
+
+    def __post_init__(self):
+        _require(self.expert_load_interval >= 0, "tracking.expert_load_interval", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,21 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     try:
         import torch.distributed as dist
 
+        from moe_lab.tracking import close_sinks
         from moe_lab.train import train
 
-        sinks = _sinks(cfg, run_dir, env.rank)
+        sinks = _sinks(cfg, run_dir, env, config_path)
         if env.rank == 0:
             (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
             print(f"run directory: {run_dir}  (layout {cfg.parallel.describe()}, "
                   f"world {env.world_size}, {'GPU' if use_gpu else 'CPU'})", flush=True)
         dist.barrier()
-        train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
-        for sink in sinks:
-            sink.close()
+        try:
+            train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
+        except BaseException as err:
+            close_sinks(sinks, err)
+            raise
+        close_sinks(sinks)
     finally:
         shutdown_distributed()
     return 0
@@ -82,8 +86,8 @@ def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:
                     key=f"{section}.{key}")
 
 
-def _sinks(cfg: ExperimentConfig, run_dir: Path, rank: int) -> list:
-    if rank != 0:
+def _sinks(cfg: ExperimentConfig, run_dir: Path, env, config_path: str) -> list:
+    if env.rank != 0:
         return []
     from moe_lab.tracking import ConsoleSink, JsonlSink
     from moe_lab.train.checkpoint import latest_checkpoint
@@ -95,4 +99,8 @@ def _sinks(cfg: ExperimentConfig, run_dir: Path, rank: int) -> list:
     sinks = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
     if not quiet:
         sinks.append(ConsoleSink(cfg.training.max_steps))
+    if cfg.tracking.enabled:
+        from moe_lab.launch.provenance import mlflow_sink
+
+        sinks.append(mlflow_sink(cfg, run_dir, env, config_path, quiet))
     return sinks

@@ -65,6 +65,14 @@ class JsonlSink:
         self._file.close()
 
 
+def close_sinks(sinks: list, error: BaseException | None = None) -> None:
+    """Close every sink; after a failed training, sinks that record an outcome hear why first."""
+    for sink in sinks:
+        if error is not None and hasattr(sink, "fail"):
+            sink.fail(error)
+        sink.close()
+
+
 def read_metrics(path: Path, split: str = "train") -> list[dict]:
     """The logged rows of one split, in order."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

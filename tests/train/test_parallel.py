@@ -30,7 +30,7 @@ LAYOUTS = {
 def continue_from(checkpoint, run_dir, nproc, overrides):
     args = ["train", TINY_MOE, "--run-dir", str(run_dir), "training.max_steps=3",
             "optimizer.warmup_steps=1", "training.log_interval=1",
-            f"checkpoint.init_from={checkpoint}", *overrides]
+            f"checkpoint.init_from={checkpoint}", "tracking.enabled=false", *overrides]
     result = run_distributed(nproc, args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"world {nproc}" in result.stdout  # the run used the layout it was asked for
@@ -57,7 +57,7 @@ def test_layout_matches_one_process(layout, reference, tiny_checkpoint, tmp_path
 def test_srun_style_variables_start_a_two_rank_run(tiny_checkpoint, reference, tmp_path):
     args = ["train", TINY_MOE, "--run-dir", str(tmp_path / "run"), "training.max_steps=3",
             "optimizer.warmup_steps=1", "training.log_interval=1",
-            f"checkpoint.init_from={tiny_checkpoint}", "parallel.ep=2"]
+            f"checkpoint.init_from={tiny_checkpoint}", "parallel.ep=2", "tracking.enabled=false"]
     results = run_srun_style(2, args)
     for result in results:
         assert result.returncode == 0, result.stderr[-4000:]

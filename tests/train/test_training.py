@@ -10,7 +10,8 @@ from moe_lab.tracking import read_metrics
 
 from ..conftest import TINY_DENSE, TINY_MOE
 
-SHORT = ["training.max_steps=10", "training.log_interval=1", "optimizer.warmup_steps=2"]
+SHORT = ["training.max_steps=10", "training.log_interval=1", "optimizer.warmup_steps=2",
+         "tracking.enabled=false"]  # MLflow has its own tests (tests/tracking)
 
 
 def train(run_dir, *extra, config=TINY_MOE):
