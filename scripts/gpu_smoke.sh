@@ -7,7 +7,7 @@ set -uo pipefail
 out=${OUT:-/tmp/moe-lab-gpu}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-common=(model.num_layers=4 training.max_steps=20 training.micro_batch_size=1
+common=(tracking.enabled=false model.num_layers=4 training.max_steps=20 training.micro_batch_size=1
         training.global_batch_size=8 training.log_interval=1 checkpoint.enabled=false)
 run() {
   name=$1; shift
@@ -16,7 +16,7 @@ run() {
     | grep -v "Warning\|warn(" | tee -a "$out/$name.log" | grep -E "^step|error|Error" | tail -25
   cp "/tmp/runs/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
 }
-run local_tiny_bf16 experiments/tiny_moe.yaml training.precision=bf16 training.max_steps=20 \
+run local_tiny_bf16 experiments/tiny_moe.yaml training.precision=bf16 tracking.enabled=false training.max_steps=20 \
   checkpoint.enabled=false training.log_interval=5
 run te_bf16 qwen1.5-moe-a2.7b "${common[@]}" training.precision=bf16
 run te_fp8_tensorwise qwen1.5-moe-a2.7b "${common[@]}" training.precision=fp8 \

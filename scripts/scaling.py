@@ -43,7 +43,7 @@ def run(name: str, nproc: int, overrides: list[str], shape: tuple, steps: int, o
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             "-m", "moe_lab", "train", *config_args, *overrides, "--run-dir", str(run_dir),
             f"training.max_steps={steps}", "training.log_interval=1", "checkpoint.enabled=false",
-            f"training.micro_batch_size={mbs}",
+            "tracking.enabled=false", f"training.micro_batch_size={mbs}",
             f"training.global_batch_size={mbs * micro_batches * dp}", "optimizer.warmup_steps=0"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     if result.returncode:

@@ -15,7 +15,7 @@ from .conftest import needs_gpus, report
 COMMON = ["training.precision=bf16", "training.log_interval=1", "optimizer.warmup_steps=0",
           "model.hidden_size=256", "model.num_attention_heads=8", "model.num_query_groups=4",
           "moe.expert_ffn=128", "moe.shared_expert_ffn=256", "model.ffn_hidden_size=512",
-          "training.seq_length=256"]
+          "training.seq_length=256", "tracking.enabled=false"]
 
 
 @needs_gpus(1)
