@@ -41,6 +41,7 @@ def make_router(name: str, *overrides: str, **params):
     is_mtp_layer=), then set_layer_number."""
     cfg = tiny_cfg(name, *overrides, **params)
     config = build_transformer_config(cfg, use_cpu_initialization=True)
+    torch.manual_seed(0)  # the same gate weights whatever ran before
     builder = resolve_router(cfg.moe.router, cfg).builder()
     router = builder(config=config, pg_collection=get_default_pg_collection(), is_mtp_layer=False)
     router.set_layer_number(1)
