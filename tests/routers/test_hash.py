@@ -7,10 +7,11 @@ Run: pytest tests/routers/test_hash.py
 import pytest
 import torch
 
+from moe_lab.model import build_model, build_transformer_config
 from moe_lab.routers import token_ids
 from moe_lab.routers.hash import hash_experts
 
-from .conftest import hidden, make_router
+from .conftest import hidden, make_router, tiny_cfg
 
 
 def test_deterministic_and_blind_to_hidden_states(world):
@@ -51,4 +52,18 @@ def test_channel_errors_name_the_problem(world):
     token_ids.publish(torch.randint(256, (2, 16)))
     with pytest.raises(RuntimeError, match="32 published for a router call of 64 tokens"):
         router(hidden(), None)
+    token_ids.clear()
+
+
+def test_published_ids_line_up_with_the_embedded_tokens(world):
+    """Row i of the router's tokens is the token the embedding embedded at row i."""
+    cfg = tiny_cfg("hash")
+    model = build_model(cfg, build_transformer_config(cfg, use_cpu_initialization=True))
+    embedded = {}
+    model.embedding.register_forward_hook(lambda m, args, out: embedded.update(out=out))
+    tokens = torch.randint(256, (2, 16))
+    model(tokens, torch.arange(16).expand(2, 16), None)
+    ids = token_ids.current(32)
+    rows = embedded["out"].reshape(32, -1)  # [seq, batch, hidden] as the router flattens it
+    assert torch.equal(rows, model.embedding.word_embeddings.weight[ids])
     token_ids.clear()
