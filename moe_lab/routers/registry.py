@@ -61,15 +61,6 @@ class RouterChoice:
 _ROUTERS: dict[str, RegisteredRouter] = {}
 
 
-def register_router(name: str, params: type | None, transformer_config: Callable,
-                    builder: Callable, check: Callable | None = None,
-                    balance_terms: tuple[str, ...] = ALL_BALANCE_TERMS,
-                    needs_token_ids: bool = False) -> None:
-    _ROUTERS[name] = RegisteredRouter(name, params, builder, transformer_config,
-                                      check or (lambda p, cfg: None), tuple(balance_terms),
-                                      needs_token_ids)
-
-
 def register_router_class(name: str, cls: type) -> type:
     """Register a router class under `name` (see the module docstring for what is read)."""
     _ROUTERS[name] = _from_class(name, cls)

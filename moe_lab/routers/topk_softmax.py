@@ -40,6 +40,11 @@ class TopKSoftmaxRouter(TokenChoiceRouter):
     Params = TopKSoftmaxParams
 
     @classmethod
+    def transformer_config_fields(cls, params) -> dict:
+        return {"moe_router_score_function": "softmax",
+                "moe_router_pre_softmax": params.order == "softmax_topk"}
+
+    @classmethod
     def check_config(cls, params, cfg) -> None:
         if params.order == "topk_softmax" and cfg.moe.topk == 1:
             raise ValueError("moe.router.order: topk_softmax needs moe.topk > 1 (a softmax over "

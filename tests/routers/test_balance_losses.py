@@ -7,7 +7,7 @@ Run: pytest tests/routers/test_balance_losses.py
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_metrics_tracker
 
 from moe_lab.config import ConfigError
 
@@ -17,6 +17,15 @@ ALL_FOUR = ["moe.balance.aux=0.01", "moe.balance.seq_aux=0.01", "moe.balance.glo
             "moe.balance.z=0.001"]
 MEGATRON_NAMES = {"load_balancing_loss", "seq_load_balancing_loss",
                   "global_load_balancing_loss", "z_loss"}
+
+
+@pytest.fixture(autouse=True)
+def aux_loss_scale():
+    """A backward outside megatron's schedules leaves a 0-d loss scale in MoEAuxLossAutoScaler
+    that the schedules' later [1]-shaped copy_ rejects: restore it for the tests after these."""
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    yield
+    MoEAuxLossAutoScaler.main_loss_backward_scale = saved
 
 
 def weight_grad(router, h, upstream):

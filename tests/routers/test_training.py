@@ -51,6 +51,9 @@ def test_router_trains_under_ep2(member, tmp_path):
     for layer in range(4):
         for name in TELEMETRY:
             assert math.isfinite(rows[-1][f"moe/layer_{layer:02d}/{name}"])
+    if member == "topk_softmax_all_losses":  # each term logged per layer
+        for term in ("aux", "seq_aux", "global_aux", "z"):
+            assert math.isfinite(rows[-1][f"moe/layer_03/loss/{term}"])
     share = sum(r["moe/telemetry_s"] for r in rows) / sum(r["step_time_s"] for r in rows)
     assert share < 0.10, share
 
