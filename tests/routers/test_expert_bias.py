@@ -1,5 +1,6 @@
 """Aux-loss-free balancing (`expert_bias: true`) on softmax and sigmoid token-choice routers: the
-bias moves a skewed load toward balance, and the router weights' gradients exclude it.
+bias moves a skewed load toward balance, the router weights' gradients exclude it, and it is
+saved with checkpoints.
 
 Run: pytest tests/routers/test_expert_bias.py
 """
@@ -7,6 +8,10 @@ Run: pytest tests/routers/test_expert_bias.py
 import pytest
 import torch
 
+from moe_lab.testing import run_cli
+from moe_lab.tracking import read_metrics
+
+from ..conftest import TINY_MOE
 from .conftest import hidden, make_router
 
 ROUTERS = [("topk_softmax", {}), ("topk_softmax", {"order": "topk_softmax"}),
@@ -57,3 +62,22 @@ def test_router_weight_gradients_exclude_the_bias(world, name, params):
     (chosen * upstream).sum().backward()
     assert grad.abs().sum() > 0
     assert torch.allclose(grad, router.weight.grad, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_bias_is_checkpointed_stop_and_resume_equals_a_straight_run(tmp_path):
+    args = ["training.max_steps=6", "training.log_interval=1", "optimizer.warmup_steps=1",
+            "moe.router.expert_bias=true", "moe.router.bias_update_rate=0.01",
+            "moe.balance.aux=0"]
+
+    def train(run_dir, *extra):
+        result = run_cli(["train", TINY_MOE, "--run-dir", str(run_dir), *args, *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train(tmp_path / "straight")
+    train(tmp_path / "resumed", "--stop-at-step", "3")
+    train(tmp_path / "resumed")
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    for key in ("loss", "moe/layer_00/load_cv", "moe/layer_03/load_max_over_mean"):
+        assert [r[key] for r in straight] == [r[key] for r in resumed], key
