@@ -25,8 +25,8 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
     env = detect_env()
     check_layout(cfg, env.world_size)
-    _check_router(cfg)
     use_gpu = _use_gpu(cfg)
+    _check_router(cfg)
     _check_resume(run_dir, cfg)
 
     if not use_gpu:
