@@ -26,6 +26,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     env = detect_env()
     check_layout(cfg, env.world_size)
     use_gpu = _use_gpu(cfg)
+    _check_router(cfg)
     _check_resume(run_dir, cfg)
 
     if not use_gpu:
@@ -54,6 +55,14 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     finally:
         shutdown_distributed()
     return 0
+
+
+def _check_router(cfg: ExperimentConfig) -> None:
+    """Router name, parameters and their fit with the experiment, before any process starts."""
+    if cfg.moe.enabled:
+        from moe_lab.routers import resolve_router
+
+        resolve_router(cfg.moe.router, cfg)
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:

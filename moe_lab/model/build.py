@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moe_lab.config import ExperimentConfig
 from moe_lab.model.spec import block_spec
-from moe_lab.routers import resolve_router
+from moe_lab.routers import resolve_router, token_ids
 
 _PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 _RECOMPUTE = {
@@ -85,7 +85,7 @@ def _moe_fields(cfg: ExperimentConfig) -> dict:
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=False,
     )
-    fields.update(resolve_router(moe.router).transformer_config_fields())
+    fields.update(resolve_router(moe.router, cfg).transformer_config_fields())
     return fields
 
 
@@ -93,8 +93,9 @@ def build_model(cfg: ExperimentConfig, config: TransformerConfig) -> GPTModel:
     """Build this rank's pipeline stage of the model (all of it when pp == 1)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    router = resolve_router(cfg.moe.router).builder() if cfg.moe.enabled else None
-    return GPTModel(
+    choice = resolve_router(cfg.moe.router, cfg) if cfg.moe.enabled else None
+    router = choice.builder() if choice else None
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(
             config, cfg.model.backend, cfg.moe.moe_layers(cfg.model.num_layers), router, pp_rank
@@ -108,3 +109,6 @@ def build_model(cfg: ExperimentConfig, config: TransformerConfig) -> GPTModel:
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rope_base),
     )
+    if choice and choice.needs_token_ids:
+        token_ids.attach(model, config)
+    return model

@@ -11,6 +11,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
+from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
+
 # megatron's tracker name -> moe.balance coefficient name
 _BALANCE_TERMS = {"load_balancing_loss": "aux", "seq_load_balancing_loss": "seq_aux",
                   "global_load_balancing_loss": "global_aux", "z_loss": "z"}
@@ -43,6 +45,13 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.moe_pattern = cfg.moe.moe_layers(cfg.model.num_layers)
+        self.moe_telemetry = (MoETelemetry(model, self.moe_pattern, cfg.moe.num_experts,
+                                           cfg.moe.topk) if cfg.moe.enabled else None)
+
+    @property
+    def expert_load(self):
+        """[MoE layers, experts] int64 tokens per expert of the last step; None when dense."""
+        return self.moe_telemetry.expert_load if self.moe_telemetry else None
 
     def step(self, step: int, batches: list[dict]) -> dict[str, float]:
         """Train on this rank's micro-batches of global step `step` (0-based)."""
@@ -65,6 +74,8 @@ class Trainer:
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.moe_telemetry:  # also applies the aux-loss-free expert bias updates
+            metrics.update(self.moe_telemetry.end_step())
         return metrics
 
     def _reduce_lm_loss(self, outputs: list[dict]) -> float:
@@ -91,11 +102,13 @@ class Trainer:
         if not names:
             return {}
         totals: dict = {}
+        per_layer = LayerLosses()
         tracker.report(loss_scale=1.0 / num_microbatches, iteration=0, track_names=names,
                        num_layers=self.cfg.model.num_layers, moe_layer_freq=self.moe_pattern,
-                       force_initialize=True, total_loss_dict=totals)
+                       force_initialize=True, total_loss_dict=totals, writer=per_layer,
+                       per_layer_logging=True)
         layers = sum(self.moe_pattern)
-        metrics, weighted, aux = {}, 0.0, 0.0
+        metrics, weighted, aux = per_layer.metrics(self.moe_pattern), 0.0, 0.0
         for name in names:
             value = float(totals.get(name, 0.0))
             weighted += getattr(self.cfg.moe.balance, _BALANCE_TERMS[name]) * value * layers
