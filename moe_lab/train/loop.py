@@ -76,11 +76,21 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         if state.step % t.log_interval == 0 or state.step == last:
             for sink in sinks:
                 sink.log(state.step, metrics)
+            _log_expert_load(sinks, state.step, trainer.expert_load)
         due = (interval and state.step % interval == 0) or state.step == last
         if cfg.checkpoint.enabled and due:
             save_checkpoint(run_dir, state, model, optimizer, scheduler,
                             keep_last=cfg.checkpoint.keep_last)
     return state
+
+
+def _log_expert_load(sinks, step: int, load) -> None:
+    """The layer x expert token counts, to the sinks that keep them (MLflow: .npy + heatmap)."""
+    if load is None:
+        return
+    for sink in sinks:
+        if hasattr(sink, "log_expert_load"):
+            sink.log_expert_load(step, load)
 
 
 def _restore(cfg, run_dir, model, optimizer, scheduler) -> TrainState:
