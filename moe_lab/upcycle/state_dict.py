@@ -48,16 +48,23 @@ def upcycle_parts(dense: Mapping[str, torch.Tensor], plan: UpcyclePlan) -> Itera
     yield Part({k: dense[k] for k in groups.other}, list(groups.other))
     for layer, is_moe in enumerate(plan.moe_layers):
         keys = groups.per_layer[layer]
-        if not is_moe:
+        # No local names for a part's tensors: the generator must not keep the previous layer
+        # alive while the next one is built.
+        if is_moe:
+            yield _moe_layer(dense, layer, keys, plan)
+        else:
             yield Part({k: dense[k] for k in keys}, keys, layer=layer)
-            continue
-        prefix = f"decoder.layers.{layer}."
-        ffn_keys = [prefix + name for name in _FFN]
-        _check_ffn(dense, prefix, keys, ffn_keys, plan)
-        mlp = upcycle_mlp(SwiGLU.from_megatron(*(dense[k] for k in ffn_keys)), plan, layer)
-        tensors = {k: dense[k] for k in keys if k not in ffn_keys}
-        tensors.update({f"{prefix}mlp.{name}": t for name, t in mlp.tensors.items()})
-        yield Part(tensors, keys, mlp.report, layer)
+
+
+def _moe_layer(dense: Mapping[str, torch.Tensor], layer: int, keys: list[str],
+               plan: UpcyclePlan) -> Part:
+    prefix = f"decoder.layers.{layer}."
+    ffn_keys = [prefix + name for name in _FFN]
+    _check_ffn(dense, prefix, keys, ffn_keys, plan)
+    mlp = upcycle_mlp(SwiGLU.from_megatron(*(dense[k] for k in ffn_keys)), plan, layer)
+    tensors = {k: dense[k] for k in keys if k not in ffn_keys}
+    tensors.update({f"{prefix}mlp.{name}": t for name, t in mlp.tensors.items()})
+    return Part(tensors, keys, mlp.report, layer)
 
 
 def upcycle_state_dict(dense: Mapping[str, torch.Tensor],
