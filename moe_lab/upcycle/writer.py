@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moe_lab import config as config_lib
-from moe_lab.config import ExperimentConfig, UpcycleConfig
+from moe_lab.config import ConfigError, ExperimentConfig, UpcycleConfig
 from moe_lab.train.checkpoint import TrainState, save_checkpoint
 from moe_lab.upcycle import rng
 from moe_lab.upcycle.plan import UpcyclePlan, make_plan, softmax_before_topk
@@ -87,8 +87,10 @@ def _fill(targets: dict, dense: dict, plan: UpcyclePlan) -> _Filled:
         for key, tensor in part.tensors.items():
             target = targets.get(key)
             if target is None or target.shape != tensor.shape:
-                raise ValueError(f"upcycled tensor {key} {tuple(tensor.shape)} does not match the "
-                                 f"MoE model's {None if target is None else tuple(target.shape)}")
+                raise ConfigError(
+                    f"upcycle.source: upcycled tensor {key} {tuple(tensor.shape)} does not match "
+                    f"the MoE model's {None if target is None else tuple(target.shape)}",
+                    key="upcycle.source")
             with torch.no_grad():
                 target.copy_(tensor)
             filled.written.add(key)

@@ -165,6 +165,7 @@ def ep2_run(dense_run, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_upcycled_model_trains_under_ep2_with_falling_loss(ep2_run):
     rows = read_metrics(ep2_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -174,6 +175,7 @@ def test_upcycled_model_trains_under_ep2_with_falling_loss(ep2_run):
     assert report["method"] == "qwen2" and report["reinit_fraction_mean"] == 0.5
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_tensors(world, qwen2_out, ep2_run):
     """The CLI run and the training run's own upcycling, same settings: identical tensors."""
     out, report = qwen2_out
