@@ -53,6 +53,12 @@ def read_report(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@dataclasses.dataclass
+class _Filled:
+    written: set
+    reports: list
+
+
 def write_upcycled(cfg: ExperimentConfig, source: DenseSource, out: Path) -> dict:
     """Needs a world of one (torch.distributed + megatron parallel state). Returns the report."""
     out = Path(out)
@@ -73,12 +79,6 @@ def write_upcycled(cfg: ExperimentConfig, source: DenseSource, out: Path) -> dic
     _write_config(cfg, out)
     _write_json(out / REPORT, report)
     return report
-
-
-@dataclasses.dataclass
-class _Filled:
-    written: set
-    reports: list
 
 
 def _fill(targets: dict, dense: dict, plan: UpcyclePlan) -> _Filled:
