@@ -1,16 +1,17 @@
 """experiments/upcycling_ablation.yaml resolves into valid members; the `upcycle` command-line
-surface is frozen; `moe-lab train` refuses bad upcycling settings before writing anything.
+surface is frozen; `moe-lab train` refuses bad upcycling settings before writing anything; the
+MoE config must keep the dense model's settings.
 
 Run: pytest tests/upcycle/test_ablation_and_cli.py
 """
-
-from pathlib import Path
 
 import pytest
 import yaml
 
 from moe_lab import config as C
+from moe_lab.config import ConfigError
 from moe_lab.launch.cli import build_parser
+from moe_lab.launch.upcycle import resolve
 from moe_lab.testing import run_cli
 from moe_lab.upcycle import make_plan
 
@@ -56,10 +57,6 @@ def test_upcycle_command_surface_is_frozen():
     (["upcycle.source=runs/x"], "upcycle.method: choose the method"),
     (["upcycle.source={dense}", "upcycle.method=granular", "moe.expert_ffn=48"],
      "moe.expert_ffn: granular upcycling needs an integer granularity"),
-    (["upcycle.source={dense}", "upcycle.method=qwen2", "model.hidden_size=32"],
-     "model.hidden_size: 32 differs from the dense model's 64"),
-    (["upcycle.source={dense}", "upcycle.method=qwen2", "checkpoint.init_from=/elsewhere"],
-     "checkpoint.init_from: upcycling makes the initial weights"),
 ])
 def test_train_refuses_bad_upcycling_before_writing(overrides, expected, dense_run, tmp_path):
     run_dir = tmp_path / "run"
@@ -69,3 +66,18 @@ def test_train_refuses_bad_upcycling_before_writing(overrides, expected, dense_r
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, key, expected", [
+    (["model.hidden_size=32"], "model.hidden_size",
+     "model.hidden_size: 32 differs from the dense model's 64"),
+    (["checkpoint.init_from=/elsewhere"], "checkpoint.init_from",
+     "checkpoint.init_from: upcycling makes the initial weights"),
+])
+def test_the_moe_must_keep_the_dense_model_and_not_load_another(overrides, key, expected,
+                                                                 dense_run):
+    with pytest.raises(ConfigError) as err:
+        resolve(TINY_MOE, str(dense_run), ["upcycle.method=qwen2", *overrides])
+    assert err.value.key == key and expected in str(err.value)
+    cfg, source = resolve(TINY_MOE, str(dense_run), ["upcycle.method=qwen2"])
+    assert cfg.upcycle.source == str(dense_run) and source.checkpoint.name == "step_0000004"
