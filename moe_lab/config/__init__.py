@@ -18,10 +18,11 @@ from moe_lab.config.schema import (
     ParallelConfig,
     TrackingConfig,
     TrainingConfig,
+    UpcycleConfig,
 )
 
 __all__ = [
     "BalanceConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DerivedNumbers",
     "ExperimentConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "ParallelConfig",
-    "TrackingConfig", "TrainingConfig", "derive", "dump", "from_dict", "load", "to_dict",
+    "TrackingConfig", "TrainingConfig", "UpcycleConfig", "derive", "dump", "from_dict", "load", "to_dict",
 ]

@@ -257,6 +257,36 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class UpcycleConfig:
+    """Start the MoE from a dense checkpoint (moe_lab.upcycle; docs/upcycling.md). With `source`
+    set, `moe-lab train` upcycles into RUN_DIR/upcycled when the run starts for the first time;
+    `moe-lab upcycle` reads the same keys."""
+
+    source: str | None = None  # a dense moe-lab run or checkpoint directory; None: no upcycling
+    method: str | None = None  # qwen2 | granular | sparse (moe_lab.upcycle owns the names)
+    reinit_fraction: float | None = None  # None: 0.5 for qwen2, 0 for the others
+    reinit_granularity: Literal["channel", "element"] = "channel"
+    router_init: Literal["zeros", "normal", "virtual-group"] | None = None  # None: the method's
+    weight_scale: float | Literal["auto"] = "auto"  # auto: NVIDIA's rule (granular, sparse), 1 (qwen2)
+    shared_gate_init: Literal["zeros", "normal"] = "zeros"  # zeros: the shared gate starts at 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.source is None or self.method is not None, "upcycle.method",
+                 "choose the method (qwen2, granular or sparse) when upcycle.source is set")
+        if self.reinit_fraction is not None:
+            _require(0 <= self.reinit_fraction <= 1, "upcycle.reinit_fraction",
+                     f"must be in [0, 1], got {self.reinit_fraction}")
+        _one_of("upcycle.reinit_granularity", self.reinit_granularity, ("channel", "element"))
+        if self.router_init is not None:
+            _one_of("upcycle.router_init", self.router_init, ("zeros", "normal", "virtual-group"))
+        _one_of("upcycle.shared_gate_init", self.shared_gate_init, ("zeros", "normal"))
+        if self.weight_scale != "auto":
+            _require(self.weight_scale > 0, "upcycle.weight_scale",
+                     f"must be > 0 or auto, got {self.weight_scale}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -266,6 +296,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self):
         m, moe, p = self.model, self.moe, self.parallel

@@ -14,6 +14,7 @@ import yaml
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
+from moe_lab.launch.upcycle import upcycle_before_training
 
 # Sections that define the model's weights: a run cannot be resumed with other values.
 _FIXED_ON_RESUME = ("model", "moe")
@@ -28,6 +29,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     use_gpu = _use_gpu(cfg)
     _check_router(cfg)
     _check_resume(run_dir, cfg)
+    cfg = upcycle_before_training(config_path, overrides, cfg, run_dir, env)
 
     if not use_gpu:
         from moe_lab.compat import enable_cpu_compat
