@@ -96,9 +96,11 @@ def _check_virtual_group(method: str, granularity: int | None, topk: int) -> Non
 def softmax_before_topk(cfg: ExperimentConfig) -> bool:
     """True when the routing weights are a softmax over all experts, not renormalised over the
     k chosen ones (Qwen2-MoE's norm_topk_prob false)."""
-    fields = resolve_router(cfg.moe.router).transformer_config_fields()
-    return (fields.get("moe_router_score_function", "softmax") == "softmax"
-            and bool(fields.get("moe_router_pre_softmax", False)))
+    resolve_router(cfg.moe.router)  # validates the router's name and parameters
+    router = cfg.moe.router
+    return (router["name"] == "topk_softmax"
+            and router.get("order", "softmax_topk") == "softmax_topk"
+            and not router.get("norm_topk_prob", False))
 
 
 def _weight_scale(cfg: ExperimentConfig, granularity: int | None) -> tuple[float, str]:
