@@ -227,13 +227,33 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    tokenizer: str | None = None
+    """Training data: megatron indexed datasets mixed by weight, or synthetic tokens."""
+
+    tokenizer: str | None = None  # HF tokenizer directory or tokenizer.json; needed with a blend
     blend: list[list[Any]] = field(default_factory=list)  # [[weight, prefix], ...]; empty: synthetic
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # train,valid,test shares of each prefix's documents
+    valid_samples: int = 64  # sequences in the fixed held-out set behind valid/loss
 
     def __post_init__(self):
-        _require(not self.blend, "data.blend",
-                 "indexed datasets are not supported yet; leave it empty for synthetic tokens")
+        for i, entry in enumerate(self.blend):
+            _require(isinstance(entry, (list, tuple)) and len(entry) == 2
+                     and isinstance(entry[0], (int, float)) and not isinstance(entry[0], bool)
+                     and entry[0] > 0 and isinstance(entry[1], str), f"data.blend[{i}]",
+                     f"must be [weight > 0, prefix], got {entry!r}")
+        _require(not self.blend or bool(self.tokenizer), "data.tokenizer",
+                 "is required with data.blend (the tokenizer the datasets were prepared with)")
+        shares = self.split.split(",")
+        _require(len(shares) == 3 and all(_is_share(s) for s in shares) and
+                 float(shares[0]) > 0, "data.split",
+                 f"must be three shares 'train,valid,test' with train > 0, got {self.split!r}")
+        _positive("data", self, "valid_samples")
+
+
+def _is_share(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
