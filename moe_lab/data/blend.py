@@ -25,16 +25,24 @@ TRAIN, VALID, TEST = 0, 1, 2  # megatron.core.datasets.utils.Split values
 
 
 class IndexedSource:
-    """Samples of the blend in cfg.data; `batches()` and `valid_batches()` as the loop needs."""
+    """Samples of the train blend and of the held-out blend; `batches()` and `valid_batches()`
+    as the loop reads them. `train_blend` None builds only the held-out set (evaluation)."""
 
     def __init__(self, cfg: ExperimentConfig, tokenizer: TextTokenizer, cache_dir: Path,
-                 train: bool = True, blend: list[list] | None = None):
+                 train_blend: list[list] | None, valid_blend: list[list]):
         t = cfg.training
         self.global_batch, self.micro_batch = t.global_batch_size, t.micro_batch_size
         self.valid_samples = cfg.data.valid_samples
-        splits = build_splits(cfg, tokenizer, cache_dir, blend or cfg.data.blend,
-                              train_samples=t.max_steps * t.global_batch_size if train else 0)
-        self.train, self.valid = splits[TRAIN], splits[VALID]
+        train_samples = t.max_steps * t.global_batch_size if train_blend else 0
+        if train_blend == valid_blend:
+            splits = build_splits(cfg, tokenizer, cache_dir, train_blend, train_samples,
+                                  self.valid_samples)
+            self.train, self.valid = splits[TRAIN], splits[VALID]
+        else:  # a fixed held-out mixture, e.g. to compare runs trained on different mixtures
+            self.train = train_blend and build_splits(cfg, tokenizer, cache_dir, train_blend,
+                                                      train_samples, 0)[TRAIN]
+            self.valid = build_splits(cfg, tokenizer, cache_dir, valid_blend, 0,
+                                      self.valid_samples)[VALID]
 
     def batches(self, step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         """This DP rank's micro-batches of global step `step`."""
@@ -48,8 +56,8 @@ class IndexedSource:
 
 
 def build_splits(cfg: ExperimentConfig, tokenizer: TextTokenizer, cache_dir: Path,
-                 blend: list[list], train_samples: int) -> list:
-    """[train, valid, None] datasets (train None when train_samples is 0)."""
+                 blend: list[list], train_samples: int, valid_samples: int) -> list:
+    """[train, valid, None] datasets of one blend; a split asked for 0 samples is None."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -63,11 +71,11 @@ def build_splits(cfg: ExperimentConfig, tokenizer: TextTokenizer, cache_dir: Pat
         path_to_cache=str(cache_dir), tokenizer=MegatronTokenizerView(tokenizer),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False)  # the model applies its own causal mask
-    # Splits we never read are not built: an empty one would make GPTDataset loop forever.
-    config.split_matrix[TEST] = None
-    if not train_samples:
-        config.split_matrix[TRAIN] = None
-    sizes = [train_samples, cfg.data.valid_samples, 0]
+    # Splits we do not read are not built: an empty one would make GPTDataset loop forever.
+    sizes = [train_samples, valid_samples, 0]
+    for split, size in enumerate(sizes):
+        if not size:
+            config.split_matrix[split] = None
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 

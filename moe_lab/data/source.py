@@ -47,17 +47,17 @@ class SyntheticSource:
 
 
 def build_data_source(cfg: ExperimentConfig, cache_dir: Path, train: bool = True,
-                      blend: list[list] | None = None) -> DataSource:
-    """The source for cfg (or for `blend` instead of cfg.data.blend); call on every rank.
-    train=False builds only the held-out set (for `moe-lab eval`)."""
-    blend = blend or cfg.data.blend
-    if not blend:
+                      valid_blend: list[list] | None = None) -> DataSource:
+    """The source for cfg; call on every rank. train=False builds only the held-out set (for
+    `moe-lab eval`), from `valid_blend` when given, else data.valid_blend or data.blend."""
+    valid_blend = valid_blend or cfg.data.valid_blend or cfg.data.blend
+    if not valid_blend:
         return SyntheticSource(cfg)
     from moe_lab.data.blend import IndexedSource
     from moe_lab.data.tokenizer import load_tokenizer
 
-    return IndexedSource(cfg, load_tokenizer(cfg.data.tokenizer), cache_dir, train=train,
-                         blend=blend)
+    return IndexedSource(cfg, load_tokenizer(cfg.data.tokenizer), cache_dir,
+                         train_blend=cfg.data.blend if train else None, valid_blend=valid_blend)
 
 
 def check_data(cfg: ExperimentConfig, world_size: int, evaluating: bool = False,
@@ -70,8 +70,10 @@ def check_data(cfg: ExperimentConfig, world_size: int, evaluating: bool = False,
             raise ConfigError(
                 f"data.valid_samples: {cfg.data.valid_samples} is not a multiple of "
                 f"micro_batch_size * data-parallel size = {per_rank}", key="data.valid_samples")
-    blend = blend or cfg.data.blend
-    if not blend:
+    blends = {"--data": blend} if blend else {"data.blend": cfg.data.blend,
+                                              "data.valid_blend": cfg.data.valid_blend}
+    blends = {key: value for key, value in blends.items() if value}
+    if not blends:
         return
     from moe_lab.data.blend import check_blend
     from moe_lab.data.tokenizer import load_tokenizer
@@ -83,4 +85,5 @@ def check_data(cfg: ExperimentConfig, world_size: int, evaluating: bool = False,
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except DataError as err:
         raise ConfigError(f"data.tokenizer: {err}", key="data.tokenizer") from None
-    check_blend(cfg, tokenizer, blend, key="data.blend" if blend is cfg.data.blend else "--data")
+    for key, value in blends.items():
+        check_blend(cfg, tokenizer, value, key=key)

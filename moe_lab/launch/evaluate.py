@@ -64,7 +64,7 @@ def _locate(target: Path) -> tuple[Path, Path]:
 
 
 def _describe(cfg: ExperimentConfig, blend: list | None) -> str:
-    blend = blend or cfg.data.blend
+    blend = blend or cfg.data.valid_blend or cfg.data.blend
     if not blend:
         return "synthetic"
     return " + ".join(f"{w:g}*{p}" for w, p in blend) if len(blend) > 1 else blend[0][1]

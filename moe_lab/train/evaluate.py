@@ -64,12 +64,13 @@ def perplexity(loss: float) -> float:
 
 def evaluate_checkpoint(cfg, checkpoint, use_gpu: bool, blends: list, cache_dir) -> list[float]:
     """Validation loss of the checkpoint's weights on each blend's held-out set (None: the
-    config's own data)."""
+    config's own held-out set)."""
     torch.manual_seed(cfg.training.seed)
     config = build_transformer_config(cfg, use_cpu_initialization=not use_gpu)
     model = build_model(cfg, config)
     if use_gpu:
         model.cuda()
     load_checkpoint(checkpoint, model)
-    return [validation_loss(cfg, model, build_data_source(cfg, cache_dir, train=False, blend=b))
-            for b in blends]
+    return [validation_loss(cfg, model, build_data_source(cfg, cache_dir, train=False,
+                                                          valid_blend=blend))
+            for blend in blends]

@@ -107,6 +107,15 @@ def test_the_held_out_set_is_fixed_and_disjoint_from_training(tmp_path, tokenize
     train = {tuple(t.tolist()) for s in range(100) for b in source.batches(s, 0, 1)
              for t in b["tokens"]}
     assert not train & {tuple(v) for v in valid}
+    # data.valid_blend: a held-out mixture of its own (here: only the other dataset).
+    sets, eod = token_sets(two_datasets, tokenizer_dir)
+    fixed = build_data_source(C.load(TINY_MOE, [
+        *_overrides(cfg), "data.valid_samples=16",
+        f"data.valid_blend=[[1, {two_datasets['digits']}]]"]), tmp_path / "cache")
+    assert {source_of(t, sets, eod) for b in fixed.valid_batches(0, 1) for t in b["tokens"]} == {
+        "digits"}
+    assert {source_of(t, sets, eod) for b in fixed.batches(3, 0, 1) for t in b["tokens"]} == {
+        "words"}
 
 
 def test_blends_that_cannot_train_are_refused_in_one_line(tmp_path, tokenizer_dir,

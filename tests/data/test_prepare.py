@@ -163,3 +163,16 @@ def test_interrupted_runs_leave_nothing_under_the_final_names(tmp_path, tokenize
         assert proc.returncode != 0
     # SIGINT cleans up; SIGKILL leaves sigkill.bin.partial, never a final name.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "sigkill.bin.partial"]
+
+
+def test_data_and_eval_command_surfaces_are_frozen():
+    from moe_lab.launch.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    actions = commands["data"]._subparsers._group_actions[0].choices
+    options = {name: {o for a in parser._actions for o in a.option_strings}
+               for name, parser in {**actions, "eval": commands["eval"]}.items()}
+    assert {"--input", "--format", "--text-key", "--tokenizer", "--out", "--workers",
+            "--strict"} <= options["prepare"]
+    assert {"--out", "--vocab-size", "--workers"} <= options["builtin"]
+    assert {"--data", "--json"} <= options["eval"]

@@ -124,3 +124,22 @@ def test_tiny_model_beats_the_unigram_entropy_of_the_builtin_corpus(builtin_corp
     lines = evaluated.stdout.strip().splitlines()[-2:]
     assert [line.split(":")[0] for line in lines] == ["data/builtin/code", "data/builtin/text"]
     assert all("valid/loss" in line and "perplexity" in line for line in lines)
+
+
+def test_data_mixture_sweep_members_are_valid_configs(builtin_corpus, monkeypatch):
+    import yaml
+
+    from moe_lab import config as C
+    from moe_lab.data import check_data
+
+    sweep = yaml.safe_load((REPO / "experiments" / "data_mixture.yaml").read_text())["sweep"]
+    monkeypatch.chdir(builtin_corpus[0])  # where data/builtin is
+    weights = set()
+    for member in sweep["members"]:
+        overrides = {**sweep["overrides"], **{k: v for k, v in member.items() if k != "name"}}
+        cfg = C.load(REPO / "experiments" / sweep["base"],
+                     [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        check_data(cfg, world_size=1)
+        weights.add(tuple(w for w, _ in cfg.data.blend))
+        assert cfg.data.valid_blend == sweep["overrides"]["data.valid_blend"]
+    assert len(weights) == len(sweep["members"]) >= 2
