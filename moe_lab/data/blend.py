@@ -39,8 +39,8 @@ class IndexedSource:
                                   self.valid_samples)
             self.train, self.valid = splits[TRAIN], splits[VALID]
         else:  # a fixed held-out mixture, e.g. to compare runs trained on different mixtures
-            self.train = train_blend and build_splits(cfg, tokenizer, cache_dir, train_blend,
-                                                      train_samples, 0)[TRAIN]
+            self.train = build_splits(cfg, tokenizer, cache_dir, train_blend, train_samples,
+                                      0)[TRAIN] if train_blend else None
             self.valid = build_splits(cfg, tokenizer, cache_dir, valid_blend, 0,
                                       self.valid_samples)[VALID]
 
@@ -121,8 +121,8 @@ class MegatronTokenizerView(MegatronTokenizerBase):
                            fingerprint=self.text_tokenizer.fingerprint)
 
 
-def check_blend(cfg: ExperimentConfig, tokenizer: TextTokenizer,
-                blend: list[list] | None = None, key: str = "data.blend") -> None:
+def check_blend(cfg: ExperimentConfig, tokenizer: TextTokenizer, blend: list[list],
+                key: str) -> None:
     """One-line errors for a blend that cannot train: missing files, another tokenizer's data,
     a vocabulary larger than the model's, a split share with no documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -133,7 +133,7 @@ def check_blend(cfg: ExperimentConfig, tokenizer: TextTokenizer,
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"{tokenizer.vocab_size} token ids of data.tokenizer {tokenizer.path}",
                           key="model.vocab_size")
-    for _, prefix in blend or cfg.data.blend:
+    for _, prefix in blend:
         if not IndexedDataset.exists(prefix):
             raise ConfigError(f"{key}: {prefix}.bin/.idx not found (prepare it with "
                               "`moe-lab data prepare`)", key=key)

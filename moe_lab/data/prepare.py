@@ -51,16 +51,21 @@ class PrepareStats:
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by each pattern (a path or a glob, `**` recursive), in order, once each."""
-    files: list[Path] = []
+    """Files named by each pattern (a file, a directory: every file under it, or a glob with
+    `**` recursive), in sorted order, each once."""
+    files: dict[Path, None] = {}  # ordered, without repeats
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else (
-            [pattern] if Path(pattern).exists() else [])
-        matches = [m for m in matches if Path(m).is_file()]
+        if glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+        elif Path(pattern).is_dir():
+            matches = sorted(Path(pattern).rglob("*"))
+        else:
+            matches = [Path(pattern)]
+        matches = [m for m in matches if m.is_file()]
         if not matches:
             raise DataError(f"--input: no file matches {pattern!r}")
-        files += [Path(m) for m in matches if Path(m) not in files]
-    return files
+        files.update(dict.fromkeys(matches))
+    return list(files)
 
 
 def prepare(patterns: list[str], fmt: str, tokenizer_path: str, out: str, text_key: str = "text",

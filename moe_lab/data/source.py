@@ -62,28 +62,38 @@ def build_data_source(cfg: ExperimentConfig, cache_dir: Path, train: bool = True
 
 def check_data(cfg: ExperimentConfig, world_size: int, evaluating: bool = False,
                blend: list[list] | None = None) -> None:
-    """Refuse, in one line and before any process group starts, data the run could not read."""
+    """Refuse, in one line and before any process group starts, data the run could not read.
+    `blend` (from `moe-lab eval --data`) replaces the config's blends."""
     if evaluating or cfg.training.eval_interval:
-        dp = cfg.parallel.data_parallel_size(world_size)
-        per_rank = cfg.training.micro_batch_size * dp
-        if cfg.data.valid_samples % per_rank:
-            raise ConfigError(
-                f"data.valid_samples: {cfg.data.valid_samples} is not a multiple of "
-                f"micro_batch_size * data-parallel size = {per_rank}", key="data.valid_samples")
+        _check_valid_samples(cfg, cfg.parallel.data_parallel_size(world_size))
     blends = {"--data": blend} if blend else {"data.blend": cfg.data.blend,
                                               "data.valid_blend": cfg.data.valid_blend}
     blends = {key: value for key, value in blends.items() if value}
     if not blends:
         return
     from moe_lab.data.blend import check_blend
+
+    tokenizer = _config_tokenizer(cfg)
+    for key, value in blends.items():
+        check_blend(cfg, tokenizer, value, key=key)
+
+
+def _check_valid_samples(cfg: ExperimentConfig, dp_size: int) -> None:
+    """Every DP rank evaluates whole micro-batches of the same size."""
+    per_step = cfg.training.micro_batch_size * dp_size
+    if cfg.data.valid_samples % per_step:
+        raise ConfigError(f"data.valid_samples: {cfg.data.valid_samples} is not a multiple of "
+                          f"micro_batch_size * data-parallel size = {per_step}",
+                          key="data.valid_samples")
+
+
+def _config_tokenizer(cfg: ExperimentConfig):
     from moe_lab.data.tokenizer import load_tokenizer
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: required to read indexed datasets (the tokenizer "
                           "they were prepared with)", key="data.tokenizer")
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        return load_tokenizer(cfg.data.tokenizer)
     except DataError as err:
         raise ConfigError(f"data.tokenizer: {err}", key="data.tokenizer") from None
-    for key, value in blends.items():
-        check_blend(cfg, tokenizer, value, key=key)

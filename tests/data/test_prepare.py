@@ -66,6 +66,9 @@ def test_text_files_by_glob_one_document_each_and_workers_give_the_same_bytes(
     prepare([pattern], "text", str(tokenizer_dir), str(tmp_path / "two"), workers=2,
             progress=False)
     assert read_back(tmp_path / "one", load_tokenizer(tokenizer_dir)) == texts
+    prepare([str(tmp_path / "docs")], "text", str(tokenizer_dir), str(tmp_path / "dir"),
+            progress=False)  # a directory: every file under it
+    assert read_back(tmp_path / "dir", load_tokenizer(tokenizer_dir)) == texts
     for suffix in (".bin", ".idx"):
         one, two = (tmp_path / f"one{suffix}").read_bytes(), (tmp_path / f"two{suffix}").read_bytes()
         assert one == two

@@ -29,7 +29,8 @@ def _register_prepare(actions) -> None:
                "--tokenizer ~/hf/Qwen2-0.5B --out data/docs --workers 2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("--input", action="append", required=True, metavar="FILES_OR_GLOB",
-                         help="a file or a glob (quoted; ** recurses); repeat for more")
+                         help="a file, a directory (all files under it) or a quoted glob (** recurses); "
+                              "repeat for more")
     prepare.add_argument("--format", required=True, choices=["jsonl", "text"],
                          help="jsonl: one JSON object per line; text: one document per file")
     prepare.add_argument("--text-key", default="text",
