@@ -9,6 +9,7 @@ tokenizer_config.json), which `transformers.AutoTokenizer` and `load_tokenizer` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,4 +54,10 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, model_max_length: int 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(directory))
+    # transformers 5 writes its own class name (TokenizersBackend); the older name, which
+    # transformers 5 aliases, keeps the directory loadable by transformers 4 (NGC containers).
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return directory

@@ -170,14 +170,7 @@ def write_indexed(prefix: str, documents: Iterable[tuple[str, int]], tokenizer: 
                disable=None if progress is None else not progress, file=sys.stderr)
     try:
         for ids_per_doc, chunk_bytes in _encoded_chunks(documents, tokenizer, workers):
-            for ids in ids_per_doc:
-                if not ids:
-                    stats.empty += 1
-                    continue
-                ids.append(tokenizer.eod)
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                stats.documents += 1
-                stats.tokens += len(ids)
+            _add_documents(builder, ids_per_doc, tokenizer.eod, dtype, stats)
             stats.input_bytes += chunk_bytes
             bar.update(chunk_bytes)
         builder.finalize(str(partial_idx))
@@ -185,17 +178,43 @@ def write_indexed(prefix: str, documents: Iterable[tuple[str, int]], tokenizer: 
         if not stats.documents:
             raise DataError(f"--input: no documents to write to {prefix}")
         stats.seconds = time.perf_counter() - started
-        os.replace(partial_bin, bin_path)
-        os.replace(partial_idx, idx_path)
-        _write_json(Path(prefix + ".stats.json"),
-                    _stats_record(stats, tokenizer, tokenizer_label or tokenizer.path))
+        _publish([(partial_bin, bin_path), (partial_idx, idx_path)])
     except BaseException:  # KeyboardInterrupt included: leave nothing half-written behind
         bar.close()
         builder.data_file.close()
         partial_bin.unlink(missing_ok=True)
         partial_idx.unlink(missing_ok=True)
         raise
+    _write_json(Path(prefix + ".stats.json"),
+                _stats_record(stats, tokenizer, tokenizer_label or tokenizer.path))
     return stats
+
+
+def _add_documents(builder, ids_per_doc: list[list[int]], eod: int, dtype,
+                   stats: PrepareStats) -> None:
+    """One sequence per document, EOD last; empty documents are counted, not written."""
+    for ids in ids_per_doc:
+        if not ids:
+            stats.empty += 1
+            continue
+        ids.append(eod)
+        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+        stats.documents += 1
+        stats.tokens += len(ids)
+
+
+def _publish(renames: list[tuple[Path, Path]]) -> None:
+    """Rename the finished files to their final names; if one rename fails, undo the others
+    (the final names did not exist before: check_free)."""
+    done = []
+    try:
+        for partial, final in renames:
+            os.replace(partial, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            final.unlink(missing_ok=True)
+        raise
 
 
 def _encoded_chunks(documents: Iterable[tuple[str, int]], tokenizer: TextTokenizer,

@@ -21,7 +21,8 @@ _SINGLE_PROCESS = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.
 
 
 def run_eval(target: str, data: list[str] | None, overrides: list[str]) -> list[dict]:
-    """One result per evaluated dataset: {data, loss, perplexity, samples, tokens}."""
+    """One result per evaluated dataset, {data, checkpoint, loss, perplexity, samples, tokens},
+    on global rank 0 (an empty list on the other ranks)."""
     run_dir, checkpoint = _locate(Path(target))
     env = detect_env()
     layout = _SINGLE_PROCESS if env.world_size == 1 else []
@@ -42,9 +43,11 @@ def run_eval(target: str, data: list[str] | None, overrides: list[str]) -> list[
         losses = evaluate_checkpoint(cfg, checkpoint, use_gpu, blends, run_dir / "data_cache")
     finally:
         shutdown_distributed()
+    if env.rank != 0:
+        return []
     return [{"data": _describe(cfg, blend), "checkpoint": str(checkpoint), "loss": loss,
              "perplexity": perplexity(loss), "samples": cfg.data.valid_samples,
-             "tokens": cfg.data.valid_samples * cfg.training.seq_length, "rank": env.rank}
+             "tokens": cfg.data.valid_samples * cfg.training.seq_length}
             for blend, loss in zip(blends, losses)]
 
 

@@ -19,6 +19,8 @@ def test_trained_tokenizer_is_a_standard_hf_directory(tokenizer_dir):
     from transformers import AutoTokenizer
 
     assert (tokenizer_dir / "tokenizer.json").is_file()
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4 and 5
     auto = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ours = load_tokenizer(tokenizer_dir)
     assert auto.eos_token == "<|endoftext|>"

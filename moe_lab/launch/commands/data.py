@@ -97,7 +97,7 @@ def run_builtin(args) -> int:
         print(f"  {name}: {part['documents']:,} documents, {part['tokens']:,} tokens, "
               f"unigram entropy {part['unigram_entropy']:.3f} nats")
     print(f"  unigram entropy of the whole corpus: {manifest['unigram_entropy']:.3f} nats")
-    print(f"  seconds: {json.dumps(manifest['seconds'])}")
+    print(f"  build seconds: {json.dumps(manifest['seconds'])}")
     return 0
 
 

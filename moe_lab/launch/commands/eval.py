@@ -32,10 +32,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from moe_lab.launch.evaluate import run_eval
 
-    results = run_eval(args.target, args.data, args.overrides)
-    if results and results[0]["rank"] != 0:
-        return 0
-    for result in results:
+    for result in run_eval(args.target, args.data, args.overrides):
         if args.json:
             print(json.dumps(result))
         else:
