@@ -106,15 +106,11 @@ def test_strict_stops_at_the_first_malformed_line_and_writes_nothing(tmp_path, t
 
 
 def test_cli_input_mistakes_are_one_line_errors(tmp_path, tokenizer_dir):
-    for args, expected in (
-            (["--input", str(tmp_path / "none*.jsonl"), "--tokenizer", str(tokenizer_dir)],
-             f"--input: no file matches '{tmp_path}/none*.jsonl'"),
-            (["--input", __file__, "--tokenizer", str(tmp_path / "no-tokenizer")],
-             f"{tmp_path}/no-tokenizer: no such tokenizer directory or tokenizer.json")):
-        result = run_cli(["data", "prepare", "--format", "jsonl", "--out",
-                          str(tmp_path / "out"), *args])
-        assert result.returncode == 2
-        assert result.stderr.strip().splitlines() == [f"moe-lab: error: {expected}"]
+    result = run_cli(["data", "prepare", "--format", "jsonl", "--out", str(tmp_path / "out"),
+                      "--input", str(tmp_path / "none*.jsonl"), "--tokenizer", str(tokenizer_dir)])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"moe-lab: error: --input: no file matches '{tmp_path}/none*.jsonl'"]
     assert not list(tmp_path.iterdir())
 
 
