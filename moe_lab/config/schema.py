@@ -227,13 +227,44 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    tokenizer: str | None = None
+    """Training data: megatron indexed datasets mixed by weight, or synthetic tokens."""
+
+    tokenizer: str | None = None  # HF tokenizer directory or tokenizer.json; needed with a blend
     blend: list[list[Any]] = field(default_factory=list)  # [[weight, prefix], ...]; empty: synthetic
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # train,valid,test shares of each prefix's documents
+    valid_samples: int = 64  # sequences in the fixed held-out set behind valid/loss
+    # The held-out set's mixture when it should not follow blend (comparing mixtures); the
+    # valid split of each prefix, so it never overlaps training on the same prefixes.
+    valid_blend: list[list[Any]] = field(default_factory=list)
 
     def __post_init__(self):
-        _require(not self.blend, "data.blend",
-                 "indexed datasets are not supported yet; leave it empty for synthetic tokens")
+        for name in ("blend", "valid_blend"):
+            _check_blend(f"data.{name}", getattr(self, name))
+            _require(not getattr(self, name) or bool(self.tokenizer), "data.tokenizer",
+                     f"is required with data.{name} (the tokenizer the datasets were prepared "
+                     "with)")
+        _require(not self.valid_blend or bool(self.blend), "data.valid_blend",
+                 "needs data.blend (synthetic runs have their own held-out set)")
+        shares = self.split.split(",")
+        _require(len(shares) == 3 and all(_is_share(s) for s in shares) and
+                 float(shares[0]) > 0, "data.split",
+                 f"must be three shares 'train,valid,test' with train > 0, got {self.split!r}")
+        _positive("data", self, "valid_samples")
+
+
+def _check_blend(key: str, blend: list) -> None:
+    for i, entry in enumerate(blend):
+        _require(isinstance(entry, (list, tuple)) and len(entry) == 2
+                 and isinstance(entry[0], (int, float)) and not isinstance(entry[0], bool)
+                 and entry[0] > 0 and isinstance(entry[1], str), f"{key}[{i}]",
+                 f"must be [weight > 0, prefix], got {entry!r}")
+
+
+def _is_share(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   moe-lab train experiments/tiny_moe.yaml --run-dir runs/lr3e-3 optimizer.lr=3e-3
   torchrun --nproc-per-node 2 -m moe_lab train experiments/tiny_moe.yaml parallel.ep=2
   moe-lab config show qwen1.5-moe-a2.7b parallel.ep=8
+  moe-lab data builtin --out data/builtin && moe-lab train experiments/tiny_moe_builtin.yaml
+  moe-lab eval runs/tiny_moe_builtin --data data/builtin/text
 """
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
+from moe_lab.data import check_data
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
 from moe_lab.launch.upcycle import upcycle_before_training
 
@@ -26,6 +27,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
     env = detect_env()
     check_layout(cfg, env.world_size)
+    check_data(cfg, env.world_size)
     use_gpu = _use_gpu(cfg)
     _check_router(cfg)
     _check_resume(run_dir, cfg)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from moe_lab.config import ExperimentConfig, derive
-from moe_lab.data import SyntheticTokens, batch_indices
+from moe_lab.data import build_data_source
 from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import (
     TrainState,
@@ -23,6 +23,7 @@ from moe_lab.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from moe_lab.train.evaluate import log_validation
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
 from moe_lab.train.step import Trainer
 
@@ -49,7 +50,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         if hasattr(sink, "start"):
             sink.start(state.step)
 
-    data = SyntheticTokens(cfg.model.vocab_size, t.seq_length, t.seed)
+    data = build_data_source(cfg, run_dir / "data_cache")
     trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -60,9 +61,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     steps_timed = 0
 
     while state.step < last:
-        indices = batch_indices(state.step, t.global_batch_size, dp_rank, dp_size,
-                                t.micro_batch_size)
-        batches = [data.batch(i) for i in indices]
+        batches = data.batches(state.step, dp_rank, dp_size)
         step_start = time.perf_counter()
         metrics = trainer.step(state.step, batches)
         if use_gpu:
@@ -77,6 +76,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             for sink in sinks:
                 sink.log(state.step, metrics)
             _log_expert_load(sinks, state.step, trainer.expert_load)
+        log_validation(cfg, model, data, state.step, sinks)
         due = (interval and state.step % interval == 0) or state.step == last
         if cfg.checkpoint.enabled and due:
             save_checkpoint(run_dir, state, model, optimizer, scheduler,
