@@ -26,7 +26,6 @@ from moe_lab.config import ConfigError, ExperimentConfig
 from moe_lab.convert import hf_files
 from moe_lab.convert.errors import ConversionError
 from moe_lab.convert.families import Family, family_for_architecture
-from moe_lab.convert.mcore_files import fill_model, save_model
 from moe_lab.convert.tensors import TensorMap
 
 STEP_NAME = "step_0000000"
@@ -152,6 +151,7 @@ def _more(names: list[str]) -> str:
 
 def write_import(plan: ImportPlan, use_gpu: bool) -> dict:
     """Run on every rank of plan.cfg.parallel's layout (process groups initialised)."""
+    from moe_lab.convert.mcore_files import fill_model, save_model
     from moe_lab.model import build_model, build_transformer_config
 
     started = time.perf_counter()

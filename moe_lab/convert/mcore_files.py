@@ -11,6 +11,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from moe_lab.convert.errors import ConversionError
 from moe_lab.convert.mcore_keys import element_name, elements, stacked_axes
 from moe_lab.convert.tensors import TensorMap
 
-# Keys of the optimizer state in a training checkpoint; everything else is a model tensor.
-_OPTIMIZER_PREFIX = "optimizer."
+# Keys of the optimizer state in a training checkpoint (megatron's ChainedOptimizer, used when
+# expert parallelism splits the parameters, prefixes `chained_N.`); the rest are model tensors.
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def checkpoint_elements(directory: Path) -> dict[str, ElementRef]:
                               ) from None
     refs = {}
     for key, tensor in metadata.items():
-        if key.startswith(_OPTIMIZER_PREFIX):
+        if _OPTIMIZER_KEY.match(key):
             continue
         global_shape = tuple(tensor.global_shape)
         for name, indices, shape in elements(key, global_shape):
