@@ -37,8 +37,6 @@ from moe_lab.train.checkpoint import latest_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Elements read per dist_checkpointing.load call: bounds memory, amortises the metadata read.
-READ_BATCH_BYTES = 1 << 30
 
 
 @dataclass
@@ -158,14 +156,18 @@ def hf_config(plan: ExportPlan) -> dict:
 
 
 def write_export(plan: ExportPlan, max_shard_bytes: int) -> dict:
-    """Needs torch.distributed initialised (a world of one): dist_checkpointing reads through it."""
+    """Needs torch.distributed initialised (a world of one): dist_checkpointing reads through it.
+
+    Elements are read in batches of at most max_shard_bytes (one dist_checkpointing.load call
+    each) and written into shards of at most that size, so memory holds about two shards.
+    """
     started = time.perf_counter()
     staging = plan.out.with_name(plan.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         writer = hf_files.HFWriter(staging, max_shard_bytes)
-        for batch in _batches(plan.maps, plan.refs):
+        for batch in _batches(plan.maps, plan.refs, max_shard_bytes):
             loaded = load_elements(plan.checkpoint, {tm.mcore: plan.refs[tm.mcore] for tm in batch})
             for tm in batch:
                 for name, tensor in tm.to_hf(loaded.pop(tm.mcore)).items():
@@ -182,11 +184,11 @@ def write_export(plan: ExportPlan, max_shard_bytes: int) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def _batches(maps: list[TensorMap], refs: dict[str, ElementRef]):
+def _batches(maps: list[TensorMap], refs: dict[str, ElementRef], max_bytes: int):
     batch, size = [], 0
     for tm in maps:
         nbytes = refs[tm.mcore].nbytes
-        if batch and size + nbytes > READ_BATCH_BYTES:
+        if batch and size + nbytes > max_bytes:
             yield batch
             batch, size = [], 0
         batch.append(tm)

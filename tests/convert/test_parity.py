@@ -74,6 +74,7 @@ def test_imported_experiment_describes_the_hf_model(world, tmp_path):
     assert (cfg.moe.shared_expert_ffn, cfg.moe.shared_expert_gate, cfg.moe.balance.aux) == \
         (48, True, 0.01)
     assert cfg.checkpoint.init_from == str(plan.out)
+    assert cfg.data.tokenizer is None  # the source has no tokenizer files
     written = (plan.out / "config.yaml").read_text()
     assert "init_from: " + str(plan.out) in written and "layer_freq: 2" in written
     assert (plan.out / "hf" / "config.json").is_file()
@@ -95,13 +96,27 @@ def test_round_trip_reproduces_every_tensor_bit_for_bit(moe, dtype, world, tmp_p
     assert set(index["weight_map"]) == set(original)  # sharded output with its index
 
 
+def save_word_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "expert": 1, "router": 2}, "[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+
+
 def test_export_loads_in_transformers_with_the_same_config_and_logits(world, tmp_path):
+    from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_model = save_tiny_model(tmp_path / "hf", True, mlp_only_layers=[1], norm_topk_prob=True,
                                max_position_embeddings=384, bos_token_id=1, eos_token_id=2)
+    save_word_tokenizer(tmp_path / "hf" / "tokenizer.json")
     plan = import_hf(tmp_path / "hf", tmp_path / "mcore")
+    assert plan.cfg.data.tokenizer == str(plan.out / "hf")  # the data pipeline's tokenizer
     export_hf(plan.out, tmp_path / "back")
+    exported_tokenizer = Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
+    assert exported_tokenizer.encode("router expert").ids == [2, 1]
+    assert (tmp_path / "back" / "generation_config.json").is_file()
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["rope_theta"] == 10000.0 and config["torch_dtype"] == "float32"
     assert (config["decoder_sparse_step"], config["mlp_only_layers"]) == (1, [1])
