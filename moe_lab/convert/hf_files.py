@@ -52,8 +52,8 @@ def parse_config(directory: Path):
 
     try:
         return AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (ValueError, TypeError, KeyError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # transformers' and huggingface_hub's own validation errors
+        message = " ".join(str(err).split()) or type(err).__name__
         raise ConversionError(f"{Path(directory) / CONFIG}: {message}") from None
 
 

@@ -75,7 +75,11 @@ def plan_import(hf_dir: str | Path, out: str | Path, layout: dict[str, int]) -> 
     architectures = raw.get("architectures") or [None]
     try:
         family = family_for_architecture(architectures[0])
-        sections = family.sections_from_hf(hf_files.parse_config(hf_dir))
+        hf = hf_files.parse_config(hf_dir)
+        if hf.model_type != family.model_type:
+            raise ConversionError(f"model_type: {hf.model_type} does not go with architectures "
+                                  f"{architectures[0]} (model_type {family.model_type})")
+        sections = family.sections_from_hf(hf)
     except ConversionError as err:
         raise ConversionError(f"{config_path}: {err}") from None
     reader = hf_files.HFReader(hf_dir)
@@ -114,8 +118,9 @@ def _check_layout_fits(cfg: ExperimentConfig, source: str) -> None:
     checks = [("model.vocab_size", m.vocab_size, p.tp, "tp"),
               ("model.ffn_hidden_size", m.ffn_hidden_size, p.tp, "tp")]
     if moe.enabled:
-        checks += [("moe.expert_ffn", moe.expert_ffn, p.etp, "etp"),
-                   ("moe.shared_expert_ffn", moe.shared_expert_ffn or p.tp, p.tp, "tp")]
+        checks.append(("moe.expert_ffn", moe.expert_ffn, p.etp, "etp"))
+    if moe.enabled and moe.shared_expert_ffn:
+        checks.append(("moe.shared_expert_ffn", moe.shared_expert_ffn, p.tp, "tp"))
     for key, size, ways, name in checks:
         if size % ways:
             raise ConfigError(f"{source}: {key}: {size} is not divisible by {name}={ways}", key)

@@ -40,7 +40,7 @@ def _layer_freq(hf: Any) -> int | list[int]:
     return hf_moe_layers(hf.num_hidden_layers, step, mlp_only)
 
 
-def _sparse_step_and_mlp_only(pattern: list[int]) -> tuple[int, list[int]]:
+def sparse_step_and_mlp_only(pattern: list[int]) -> tuple[int, list[int]]:
     """The largest decoder_sparse_step whose rule, with mlp_only_layers, gives `pattern`."""
     moe_layers = [i for i, is_moe in enumerate(pattern) if is_moe]
     step = 0
@@ -84,7 +84,7 @@ def _hf_config(cfg: ExperimentConfig) -> dict:
     if isinstance(moe.layer_freq, int):
         step, mlp_only = moe.layer_freq, []
     else:
-        step, mlp_only = _sparse_step_and_mlp_only(moe.layer_freq)
+        step, mlp_only = sparse_step_and_mlp_only(moe.layer_freq)
     fields = qwen2.base_hf_config(cfg, FAMILY)
     fields.update(
         qkv_bias=cfg.model.qkv_bias,

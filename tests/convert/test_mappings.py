@@ -65,10 +65,10 @@ def test_hf_layer_rule_round_trips_through_moe_layer_freq():
         for count in range(3):
             for mlp_only in itertools.combinations(range(layers), count):
                 pattern = qwen2_moe.hf_moe_layers(layers, step, list(mlp_only))
-                new_step, new_only = qwen2_moe._sparse_step_and_mlp_only(pattern)
+                new_step, new_only = qwen2_moe.sparse_step_and_mlp_only(pattern)
                 assert qwen2_moe.hf_moe_layers(layers, new_step, new_only) == pattern
-    assert qwen2_moe._sparse_step_and_mlp_only([0, 1, 0, 1, 0, 1]) == (2, [])
-    assert qwen2_moe._sparse_step_and_mlp_only([0, 0, 0, 1, 0, 1]) == (2, [1])
+    assert qwen2_moe.sparse_step_and_mlp_only([0, 1, 0, 1, 0, 1]) == (2, [])
+    assert qwen2_moe.sparse_step_and_mlp_only([0, 0, 0, 1, 0, 1]) == (2, [1])
 
 
 @pytest.mark.parametrize("path, overrides", [

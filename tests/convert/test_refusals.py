@@ -120,6 +120,9 @@ def test_a_truncated_file_is_named(hf_moe, tmp_path):
                                               r"\(supported: Qwen2ForCausalLM, Qwen2MoeForCausalLM\)"),
     ({"use_sliding_window": True}, "use_sliding_window: true is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act: gelu is not supported"),
+    ({"hidden_size": "wide"}, "hidden_size.* expected int"),
+    ({"model_type": "qwen2"}, "model_type: qwen2 does not go with architectures "
+                              "Qwen2MoeForCausalLM"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                           "original_max_position_embeddings": 64}},
      "rope_type: yarn is not supported"),

@@ -8,6 +8,7 @@ ends in one line naming the tensor, file or key. hf-to-mcore runs on every rank 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 
 from moe_lab.launch.cli import UserError
@@ -127,18 +128,15 @@ def _quiet_cuda_probe(args) -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-class _user_errors:
+@contextlib.contextmanager
+def _user_errors():
     """ConversionError -> the CLI's one-line UserError."""
+    from moe_lab.convert import ConversionError
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        from moe_lab.convert import ConversionError
-
-        if isinstance(err, ConversionError):
-            raise UserError(str(err)) from None
-        return False
+    try:
+        yield
+    except ConversionError as err:
+        raise UserError(str(err)) from None
 
 
 def _start(cfg, env) -> bool:
