@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 
 from moe_lab.launch.cli import UserError
 
@@ -30,7 +31,10 @@ def register(subparsers) -> None:
     convert = subparsers.add_parser(
         "convert", help="convert checkpoints between Hugging Face and moe-lab (megatron)",
         description="Convert Qwen2 / Qwen2-MoE checkpoints between Hugging Face safetensors "
-                    "and moe-lab's megatron dist checkpoints.")
+                    "and moe-lab's megatron dist checkpoints (docs/conversion.md).",
+        epilog="examples:\n  moe-lab convert hf-to-mcore ~/models/Qwen1.5-MoE-A2.7B ckpt/qwen-moe\n"
+               "  moe-lab convert mcore-to-hf runs/continue hf/continue",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = convert.add_subparsers(dest="convert_command", required=True, metavar="DIRECTION")
 
     hf_in = actions.add_parser(
@@ -74,6 +78,12 @@ def run_hf_to_mcore(args) -> int:
     env = detect_env()
     with _user_errors():
         plan = convert.plan_import(args.hf_dir, args.out, convert.parse_layout(args.layout))
+    p = plan.cfg.parallel
+    ranks = math.lcm(p.tp * p.pp * p.cp, p.ep * p.etp * p.pp)
+    if env.world_size % ranks:
+        raise UserError(f"--layout {args.layout} needs a multiple of {ranks} processes, not "
+                        f"{env.world_size}: torchrun --nproc-per-node {ranks} -m moe_lab "
+                        "convert hf-to-mcore ...")
     check_layout(plan.cfg, env.world_size)
     use_gpu = _start(plan.cfg, env)
     try:
