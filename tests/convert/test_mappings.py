@@ -122,3 +122,36 @@ def test_convert_command_surface_is_frozen():
     assert "--layout" in options
     options = {o for a in directions["mcore-to-hf"]._actions for o in a.option_strings}
     assert {"--config", "--dtype", "--max-shard-size", "--hf-template"} <= options
+
+
+# Shaped like the released Qwen2-57B-A14B config.json, with transformers 4's keys (rope_theta,
+# torch_dtype, sliding_window) as the hub files have them.
+QWEN2_57B_CONFIG = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151643, "decoder_sparse_step": 1,
+    "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+    "intermediate_size": 18944, "max_position_embeddings": 131072, "max_window_layers": 28,
+    "moe_intermediate_size": 2560, "norm_topk_prob": False, "num_attention_heads": 28,
+    "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 20480, "sliding_window": 131072,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_a_released_style_config_maps_onto_the_preset(tmp_path):
+    import json
+
+    from moe_lab.convert.hf_files import parse_config
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_57B_CONFIG))
+    family = family_for_architecture("Qwen2MoeForCausalLM")
+    imported = C.from_dict(family.sections_from_hf(parse_config(tmp_path)))
+    preset = C.load("qwen2-57b-a14b")
+    assert C.to_dict(imported)["model"] == {**C.to_dict(preset)["model"], "backend": "local"}
+    assert C.to_dict(imported)["moe"] == C.to_dict(preset)["moe"]
+    exported = family.hf_config(preset)
+    assert {k: exported[k] for k in exported if k in QWEN2_57B_CONFIG} == {
+        k: QWEN2_57B_CONFIG[k] for k in exported if k in QWEN2_57B_CONFIG}
