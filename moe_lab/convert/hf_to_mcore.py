@@ -67,9 +67,13 @@ def parse_layout(text: str | None) -> dict[str, int]:
     return layout
 
 
-def plan_import(hf_dir: str | Path, out: str | Path, layout: dict[str, int]) -> ImportPlan:
-    hf_dir, out = Path(hf_dir), Path(out).resolve()
-    _check_output(out)
+def plan_import(hf_dir: str | Path, out: str | Path | None, layout: dict[str, int]) -> ImportPlan:
+    """Everything checked, nothing written. `out` None: only read (e.g. for upcycling); the
+    experiment then has no checkpoint.init_from and uses HF_DIR's tokenizer."""
+    hf_dir = Path(hf_dir)
+    out = Path(out).resolve() if out is not None else None
+    if out is not None:
+        _check_output(out)
     config_path = hf_dir / hf_files.CONFIG
     raw = hf_files.read_config_json(hf_dir)
     architectures = raw.get("architectures") or [None]
@@ -83,7 +87,10 @@ def plan_import(hf_dir: str | Path, out: str | Path, layout: dict[str, int]) -> 
     except ConversionError as err:
         raise ConversionError(f"{config_path}: {err}") from None
     reader = hf_files.HFReader(hf_dir)
-    cfg = _experiment(sections, reader, out, layout, hf_files.has_tokenizer(hf_dir), config_path)
+    tokenizer = None
+    if hf_files.has_tokenizer(hf_dir):
+        tokenizer = out / "hf" if out is not None else hf_dir.resolve()
+    cfg = _experiment(sections, reader, out, layout, tokenizer, config_path)
     maps = family.tensor_maps(cfg)
     _check_tensors(maps, reader, cfg, family, hf_dir)
     return ImportPlan(hf_dir, out, family, cfg, maps, reader)
@@ -95,13 +102,14 @@ def _check_output(out: Path) -> None:
                               "directory (nothing is overwritten)")
 
 
-def _experiment(sections: dict, reader: hf_files.HFReader, out: Path, layout: dict[str, int],
-                tokenizer: bool, config_path: Path) -> ExperimentConfig:
+def _experiment(sections: dict, reader: hf_files.HFReader, out: Path | None,
+                layout: dict[str, int], tokenizer: Path | None,
+                config_path: Path) -> ExperimentConfig:
     embed = "model.embed_tokens.weight"
     precision = _PRECISION.get(reader.dtypes.get(embed, "F32"), "fp32")
     raw = {**sections, "parallel": dict(layout), "training": {"precision": precision},
-           "checkpoint": {"init_from": str(out)},
-           "data": {"tokenizer": str(out / "hf") if tokenizer else None}}
+           "checkpoint": {"init_from": str(out) if out is not None else None},
+           "data": {"tokenizer": str(tokenizer) if tokenizer else None}}
     source = f"{config_path} with --layout {_describe(layout)}"
     cfg = config_lib.from_dict(raw, source=source)
     _check_layout_fits(cfg, source)
@@ -173,7 +181,7 @@ def write_import(plan: ImportPlan, use_gpu: bool) -> dict:
         model = build_model(plan.cfg, config)
         if use_gpu:
             model.cuda()
-        elements = fill_model(model, plan.maps, _element_reader(plan),
+        elements = fill_model(model, plan.maps, element_reader(plan),
                               plan.family.architecture)
         save_model(model, staging / "checkpoints" / STEP_NAME)
         dist.barrier()
@@ -188,7 +196,7 @@ def write_import(plan: ImportPlan, use_gpu: bool) -> dict:
     return {"elements": elements, "seconds": time.perf_counter() - started}
 
 
-def _element_reader(plan: ImportPlan):
+def element_reader(plan: ImportPlan):
     """TensorMap -> its full megatron-layout element, read from the HF files. Remembers the
     last one: SwiGLU's gate and up halves of one parameter ask for the same element."""
     last: dict[str, torch.Tensor] = {}

@@ -20,6 +20,10 @@ from moe_lab.convert.families import Family, register_family
 from moe_lab.convert.tensors import TensorMap, copy_map
 
 CARRIED_KEYS = (*qwen2.CARRIED_KEYS, "output_router_logits")
+# topk_softmax parameters the export understands. `order: topk_softmax` (Mixtral's softmax over
+# the k chosen logits) is the same function as softmax-then-top-k with norm_topk_prob, and is
+# exported as that; an expert bias changes which experts are chosen and has no HF counterpart.
+_ROUTER_KEYS = ("name", "norm_topk_prob", "order", "expert_bias", "bias_update_rate")
 
 
 # ---- config ------------------------------------------------------------------------------
@@ -70,13 +74,25 @@ def _sections_from_hf(hf: Any) -> dict:
     }
 
 
-def _hf_config(cfg: ExperimentConfig) -> dict:
-    moe = cfg.moe
-    router = dict(moe.router)
+def _norm_topk_prob(router: dict) -> bool:
+    """HF's norm_topk_prob for a moe.router section, refusing what HF cannot express."""
     if router.get("name") != "topk_softmax":
         raise ConversionError(f"moe.router.name: {router.get('name')} cannot be expressed in "
                               "Qwen2MoeForCausalLM, which routes by softmax then top-k "
                               "(topk_softmax)")
+    unknown = sorted(set(router) - set(_ROUTER_KEYS))
+    if unknown:
+        raise ConversionError(f"moe.router.{unknown[0]}: not a topk_softmax parameter the "
+                              f"Qwen2MoeForCausalLM export knows ({', '.join(_ROUTER_KEYS[1:])})")
+    if router.get("expert_bias"):
+        raise ConversionError("moe.router.expert_bias: true (a bias on expert selection) cannot "
+                              "be expressed in Qwen2MoeForCausalLM")
+    return bool(router.get("norm_topk_prob", False)) or router.get("order") == "topk_softmax"
+
+
+def _hf_config(cfg: ExperimentConfig) -> dict:
+    moe = cfg.moe
+    norm_topk_prob = _norm_topk_prob(dict(moe.router))
     if not moe.shared_expert_ffn or not moe.shared_expert_gate:
         key = "moe.shared_expert_gate" if moe.shared_expert_ffn else "moe.shared_expert_ffn"
         raise ConversionError(f"{key}: Qwen2MoeForCausalLM always has a sigmoid-gated shared "
@@ -92,7 +108,7 @@ def _hf_config(cfg: ExperimentConfig) -> dict:
         num_experts_per_tok=moe.topk,
         moe_intermediate_size=moe.expert_ffn,
         shared_expert_intermediate_size=moe.shared_expert_ffn,
-        norm_topk_prob=bool(router.get("norm_topk_prob", False)),
+        norm_topk_prob=norm_topk_prob,
         decoder_sparse_step=step,
         mlp_only_layers=mlp_only,
         router_aux_loss_coef=moe.balance.aux,

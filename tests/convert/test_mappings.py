@@ -4,6 +4,7 @@ config fields both ways, and the command-line surface. No files, no processes.
 Run: pytest tests/convert/test_mappings.py
 """
 
+import dataclasses
 import itertools
 
 import pytest
@@ -90,9 +91,29 @@ def test_config_fields_round_trip(path, overrides):
                                          "num_query_groups": cfg.model.kv_heads}
     if cfg.moe.enabled:
         assert again.moe.moe_layers(4) == cfg.moe.moe_layers(4)
-        assert again.moe.router == cfg.moe.router
+        assert again.moe.router["norm_topk_prob"] == cfg.moe.router.get("norm_topk_prob", False)
         for key in ("num_experts", "topk", "expert_ffn", "shared_expert_ffn"):
             assert getattr(again.moe, key) == getattr(cfg.moe, key)
+
+
+@pytest.mark.parametrize("router, result", [
+    ({"name": "topk_softmax"}, False),
+    ({"name": "topk_softmax", "norm_topk_prob": True}, True),
+    ({"name": "topk_softmax", "order": "topk_softmax"}, True),  # Mixtral's order: same function
+    ({"name": "topk_softmax", "expert_bias": True}, "moe.router.expert_bias: true"),
+    ({"name": "topk_softmax", "jitter": 0.1}, "moe.router.jitter: not a topk_softmax parameter"),
+    ({"name": "topk_sigmoid"}, "moe.router.name: topk_sigmoid cannot be expressed"),
+])
+def test_router_settings_export_as_norm_topk_prob_or_are_refused(router, result):
+    from moe_lab.convert.errors import ConversionError
+
+    cfg = C.load(TINY_MOE)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router=router))
+    if isinstance(result, bool):
+        assert qwen2_moe.FAMILY.hf_config(cfg)["norm_topk_prob"] is result
+    else:
+        with pytest.raises(ConversionError, match=result):
+            qwen2_moe.FAMILY.hf_config(cfg)
 
 
 def test_every_tensor_is_mapped_once():

@@ -131,3 +131,32 @@ def test_export_loads_in_transformers_with_the_same_config_and_logits(world, tmp
     tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, hf_model(tokens).logits)
+
+
+def test_upcycling_reads_a_dense_hf_directory_as_the_import_does(world, tmp_path):
+    """The hook `moe-lab upcycle --from HF_DIR` calls: the same config and, by state_dict name,
+    the same tensors as a model loaded from the imported checkpoint."""
+    from moe_lab.config import ConfigError
+    from moe_lab.convert import read_dense_config, read_dense_tensors
+    from moe_lab.model import build_model, build_transformer_config
+    from moe_lab.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    save_tiny_model(tmp_path / "hf", False, tie_word_embeddings=True)
+    save_word_tokenizer(tmp_path / "hf" / "tokenizer.json")
+    plan = import_hf(tmp_path / "hf", tmp_path / "mcore")
+    dense = read_dense_config(tmp_path / "hf")
+    assert dense.model == plan.cfg.model and not dense.moe.enabled
+    assert dense.data.tokenizer == str((tmp_path / "hf").resolve())
+    assert dense.checkpoint.init_from is None
+    tensors = read_dense_tensors(tmp_path / "hf")
+    model = build_model(plan.cfg, build_transformer_config(plan.cfg, use_cpu_initialization=True))
+    load_checkpoint(latest_checkpoint(plan.out), model)
+    expected = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert tensors.keys() == expected.keys()
+    assert "decoder.layers.0.input_layernorm.weight" in tensors
+    for name, tensor in expected.items():
+        assert torch.equal(tensors[name], tensor), name
+    save_tiny_model(tmp_path / "hf_moe", True)
+    with pytest.raises(ConfigError, match="upcycle.source: .* holds a MoE model") as info:
+        read_dense_config(tmp_path / "hf_moe")
+    assert info.value.key == "upcycle.source"
