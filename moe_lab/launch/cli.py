@@ -68,6 +68,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r".*(Apex|Transformer Engine|absl|non-leaf Tensor).*")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    # "No CUDA runtime is found" on every CPU start: true, and not the user's concern.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,6 @@ def register(subparsers) -> None:
 
 
 def run_hf_to_mcore(args) -> int:
-    _quiet_cuda_probe(args)
     from moe_lab import convert
     from moe_lab.launch.distributed import check_layout, detect_env
 
@@ -100,7 +99,6 @@ def run_hf_to_mcore(args) -> int:
 
 
 def run_mcore_to_hf(args) -> int:
-    _quiet_cuda_probe(args)
     from moe_lab import convert
     from moe_lab.config import ParallelConfig
     from moe_lab.convert.hf_files import parse_size
@@ -127,15 +125,6 @@ def run_mcore_to_hf(args) -> int:
           + (f"; with {', '.join(result['assets'])} from {plan.template}" if result["assets"]
              else "") + f" ({result['seconds']:.1f} s)")
     return 0
-
-
-def _quiet_cuda_probe(args) -> None:
-    """torch logs "No CUDA runtime is found" when megatron imports its extension builder; a
-    CPU-only conversion needs none, and a refusal should stay one line."""
-    if not args.debug:
-        import logging
-
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
