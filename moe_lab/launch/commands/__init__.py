@@ -5,4 +5,5 @@ function taking the parsed args and returning an exit code. Adding a command is 
 here and its name to COMMANDS.
 """
 
-COMMANDS = ["train", "config_show", "bench", "ui", "compare", "tracking", "upcycle", "data", "eval"]
+COMMANDS = ["train", "config_show", "data", "eval", "upcycle", "convert", "bench", "ui", "compare",
+            "tracking"]
