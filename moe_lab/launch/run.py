@@ -7,12 +7,14 @@ run directory is checked before anything is written into it.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import yaml
 
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
+from moe_lab.launch.cli import UserError
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
 
 # Sections that define the model's weights: a run cannot be resumed with other values.
@@ -27,6 +29,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     check_layout(cfg, env.world_size)
     use_gpu = _use_gpu(cfg)
     _check_resume(run_dir, cfg)
+    fault = _test_fault()
 
     if not use_gpu:
         from moe_lab.compat import enable_cpu_compat
@@ -44,7 +47,14 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
             print(f"run directory: {run_dir}  (layout {cfg.parallel.describe()}, "
                   f"world {env.world_size}, {'GPU' if use_gpu else 'CPU'})", flush=True)
         dist.barrier()
-        train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
+        from moe_lab.train.guard import NonFiniteError
+
+        try:
+            train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step, fault=fault)
+        except NonFiniteError as err:
+            print(f"moe-lab: stopped: {err}; the last good state is the newest checkpoint",
+                  file=sys.stderr)
+            return 3
         for sink in sinks:
             sink.close()
     finally:
@@ -80,17 +90,35 @@ def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:
                     f"{section}.{key}: {value!r} differs from {saved.get(section, {}).get(key)!r} "
                     f"in {saved_path}; resume with the same model or choose another --run-dir",
                     key=f"{section}.{key}")
+    from moe_lab.train.checkpoint import NoUsableCheckpoint, find_resumable
+
+    try:  # the same choice the loop makes, so that a run that cannot resume stops here
+        find_resumable(run_dir, cfg)
+    except NoUsableCheckpoint as err:
+        raise UserError(str(err)) from None
+
+
+def _test_fault():
+    """MOE_LAB_TEST_FAULT (tests only): kill or poison at a named point (train/faults.py)."""
+    spec = os.environ.get("MOE_LAB_TEST_FAULT")
+    if not spec:
+        return None
+    from moe_lab.train.faults import Fault
+
+    try:
+        return Fault.parse(spec)
+    except ValueError as err:
+        raise UserError(f"MOE_LAB_TEST_FAULT: {err}") from None
 
 
 def _sinks(cfg: ExperimentConfig, run_dir: Path, rank: int) -> list:
     if rank != 0:
         return []
     from moe_lab.tracking import ConsoleSink, JsonlSink
-    from moe_lab.train.checkpoint import latest_checkpoint
+    from moe_lab.train.checkpoint import find_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(run_dir)
-    resume_step = int(latest.name.split("_")[1]) if latest else 0
+    resume_step = find_resumable(run_dir, cfg).step
     quiet = os.environ.get("MOE_LAB_QUIET") == "1"
     sinks = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
     if not quiet:

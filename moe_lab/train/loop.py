@@ -18,18 +18,22 @@ from moe_lab.config import ExperimentConfig, derive
 from moe_lab.data import SyntheticTokens, batch_indices
 from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import (
+    Checkpointer,
     TrainState,
-    latest_checkpoint,
+    broadcast_resume,
     load_checkpoint,
-    save_checkpoint,
+    weights_source,
 )
+from moe_lab.train.faults import Fault, FaultInjector
+from moe_lab.train.guard import NonFiniteError
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
 from moe_lab.train.step import Trainer
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
-          stop_at_step: int | None = None) -> TrainState:
-    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state."""
+          stop_at_step: int | None = None, fault: Fault | None = None) -> TrainState:
+    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state.
+    `fault` is for tests only (train/faults.py)."""
     t = cfg.training
     torch.manual_seed(t.seed)
     if use_gpu:
@@ -43,8 +47,10 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     model = wrap_ddp(cfg, config, model)
     optimizer = build_optimizer(cfg, config, model)
     scheduler = build_scheduler(cfg, optimizer)
+    faults = FaultInjector(fault, config)
 
     state = _restore(cfg, run_dir, model, optimizer, scheduler)
+    checkpointer = Checkpointer(cfg, run_dir, model, optimizer, scheduler, on_event=faults.at)
     for sink in sinks:
         if hasattr(sink, "start"):
             sink.start(state.step)
@@ -64,7 +70,14 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
                                 t.micro_batch_size)
         batches = [data.batch(i) for i in indices]
         step_start = time.perf_counter()
-        metrics = trainer.step(state.step, batches)
+        faults.at("step_begin")
+        try:
+            metrics = trainer.step(state.step, batches)
+        except NonFiniteError:
+            if cfg.checkpoint.enabled:
+                checkpointer.save_last_good(state)  # the bad update was not applied
+            raise
+        faults.at("step_end")
         if use_gpu:
             torch.cuda.synchronize()
         step_time = time.perf_counter() - step_start
@@ -78,21 +91,24 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
                 sink.log(state.step, metrics)
         due = (interval and state.step % interval == 0) or state.step == last
         if cfg.checkpoint.enabled and due:
-            save_checkpoint(run_dir, state, model, optimizer, scheduler,
-                            keep_last=cfg.checkpoint.keep_last)
+            checkpointer.save(state)
+        checkpointer.poll()
+    checkpointer.close()
     return state
 
 
 def _restore(cfg, run_dir, model, optimizer, scheduler) -> TrainState:
     """Resume the run in run_dir, or start from checkpoint.init_from's weights, or fresh."""
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler)
-        _say(f"resumed from {latest} at step {state.step}")
+    resume = broadcast_resume(run_dir, cfg)
+    for path, reason in resume.skipped:
+        _say(f"warning: skipping checkpoint {path.name}: {reason}")
+    if resume.path is not None:
+        state = load_checkpoint(resume.path, model, optimizer, scheduler)
+        _say(f"resumed from {resume.path} at step {state.step}")
         return state
     if cfg.checkpoint.init_from:
-        source = Path(cfg.checkpoint.init_from)
-        load_checkpoint(latest_checkpoint(source) or source, model)
+        source = weights_source(Path(cfg.checkpoint.init_from))
+        load_checkpoint(source, model)
         _say(f"initialised weights from {source}")
     return TrainState()
 
