@@ -64,8 +64,8 @@ def step_of(path: Path) -> int | None:
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
     root = checkpoint_dir(run_dir)
-    found = {step_of(p): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
-    return {s: p for s, p in sorted(found.items()) if s is not None}
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    return dict(sorted((s, p) for s, p in found if s is not None))
 
 
 def find_resumable(run_dir: Path, cfg: ExperimentConfig | None) -> Resume:
