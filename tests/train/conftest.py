@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lab.testing import run_cli
+from moe_lab.testing import run_cli, run_cli_crashable
 from moe_lab.tracking import read_metrics
 
 from ..conftest import TINY_MOE
@@ -24,8 +24,10 @@ def train_args(run_dir: Path, *extra: str) -> list[str]:
 
 
 def train(run_dir: Path, *extra: str, fault: str | None = None, expect: int = 0):
-    result = run_cli(train_args(run_dir, *extra),
-                     env={"MOE_LAB_TEST_FAULT": fault} if fault else None)
+    if fault:  # it may be killed: clean up after it as a node failure would
+        result = run_cli_crashable(train_args(run_dir, *extra), env={"MOE_LAB_TEST_FAULT": fault})
+    else:
+        result = run_cli(train_args(run_dir, *extra))
     assert result.returncode == expect, (fault, result.stdout[-2000:], result.stderr[-3000:])
     return result
 
