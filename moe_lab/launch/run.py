@@ -29,6 +29,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     check_layout(cfg, env.world_size)
     use_gpu = _use_gpu(cfg)
     _check_resume(run_dir, cfg)
+    _check_checkpoints(run_dir, cfg)
     fault = _test_fault()
 
     if not use_gpu:
@@ -90,11 +91,17 @@ def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:
                     f"{section}.{key}: {value!r} differs from {saved.get(section, {}).get(key)!r} "
                     f"in {saved_path}; resume with the same model or choose another --run-dir",
                     key=f"{section}.{key}")
-    from moe_lab.train.checkpoint import NoUsableCheckpoint, find_resumable
 
-    try:  # the same choice the loop makes, so that a run that cannot resume stops here
-        find_resumable(run_dir, cfg)
-    except NoUsableCheckpoint as err:
+
+def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """The checks loading makes (train/checkpoint.py), so that a run that cannot resume or
+    initialise stops here with one line."""
+    from moe_lab.train.manifest import CheckpointInvalid
+    from moe_lab.train.resume import preflight
+
+    try:
+        preflight(run_dir, cfg)
+    except CheckpointInvalid as err:
         raise UserError(str(err)) from None
 
 
@@ -115,7 +122,7 @@ def _sinks(cfg: ExperimentConfig, run_dir: Path, rank: int) -> list:
     if rank != 0:
         return []
     from moe_lab.tracking import ConsoleSink, JsonlSink
-    from moe_lab.train.checkpoint import find_resumable
+    from moe_lab.train.resume import find_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = find_resumable(run_dir, cfg).step

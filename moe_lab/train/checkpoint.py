@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +28,13 @@ from moe_lab.train import manifest as manifest_lib
 from moe_lab.train.manifest import CheckpointInvalid
 from moe_lab.train.optimizer_state import FORMAT as OPTIMIZER_FORMAT
 from moe_lab.train.optimizer_state import OptimizerState
+from moe_lab.train.resume import (  # noqa: F401 (latest_checkpoint: for readers outside train)
+    PREFIX,
+    checkpoint_dir,
+    checkpoints,
+    latest_checkpoint,
+)
 from moe_lab.train.retention import stale_steps
-
-_PREFIX = "step_"
 
 
 @dataclass
@@ -39,65 +43,14 @@ class TrainState:
     consumed_samples: int = 0
 
 
-class NoUsableCheckpoint(CheckpointInvalid):
-    """Checkpoints exist but none may be loaded."""
-
-
-@dataclass
-class Resume:
-    """The checkpoint a run resumes from (None: start fresh) and those skipped, newest first."""
-
-    path: Path | None = None
-    step: int = 0
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_of(path: Path) -> int | None:
-    """The step of a final checkpoint directory name; None for anything else (.tmp, markers)."""
-    digits = path.name[len(_PREFIX):]
-    return int(digits) if path.name.startswith(_PREFIX) and digits.isdigit() else None
-
-
-def checkpoints(run_dir: Path) -> dict[int, Path]:
-    root = checkpoint_dir(run_dir)
-    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    return dict(sorted((s, p) for s, p in found if s is not None))
-
-
-def find_resumable(run_dir: Path, cfg: ExperimentConfig | None) -> Resume:
-    """The newest checkpoint that verifies. Raises NoUsableCheckpoint when there are
-    checkpoints and none verifies (rather than silently starting again)."""
-    skipped = []
-    for step, path in sorted(checkpoints(run_dir).items(), reverse=True):
-        try:
-            manifest_lib.verify(path, cfg)
-        except CheckpointInvalid as err:
-            skipped.append((path, str(err)))
-            continue
-        return Resume(path, step, skipped)
-    if skipped:
-        reasons = "; ".join(reason for _, reason in skipped)
-        raise NoUsableCheckpoint(
-            f"no checkpoint in {checkpoint_dir(run_dir)} can be resumed: {reasons}. Move them "
-            f"away to start again, or choose another --run-dir")
-    return Resume()
-
-
-def weights_source(path: Path) -> Path:
-    """checkpoint.init_from: a run directory (its newest whole checkpoint) or a checkpoint."""
-    path = Path(path)
-    if (path / manifest_lib.MANIFEST).is_file() or (path / "metadata.json").is_file():
-        if (path / manifest_lib.MANIFEST).is_file():
-            manifest_lib.verify(path)
-        return path
-    resume = find_resumable(path, None)
-    if resume.path is None:
-        raise FileNotFoundError(f"checkpoint.init_from: no checkpoint in {path}")
-    return resume.path
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler,
+                    keep_last: int = 0) -> Path:
+    """One synchronous save outside the training loop (optimizer may be None: weights only),
+    in the same layout with a manifest; returns the checkpoint directory."""
+    saver = Checkpointer(None, run_dir, model, optimizer, scheduler)
+    saver.keep_last = keep_last
+    saver.save(state)
+    return checkpoint_dir(run_dir) / f"{PREFIX}{state.step:07d}"
 
 
 def _unwrap(model):
@@ -130,18 +83,20 @@ class Checkpointer:
     save_manifest, save_renamed, save_latest): the fault-injection tests kill the process there.
     """
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, model, optimizer, scheduler,
+    def __init__(self, cfg: ExperimentConfig | None, run_dir: Path, model, optimizer, scheduler,
                  on_event: Callable[[str], None] = lambda name: None):
         self.cfg, self.root = cfg, checkpoint_dir(run_dir)
         self.run_dir = Path(run_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.on_event = on_event
-        self.queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        c = cfg.checkpoint if cfg is not None else None
+        self.keep_last, self.keep_every = (c.keep_last, c.keep_every) if c else (0, 0)
+        self.queue = AsyncCallsQueue() if c and c.async_save else None
 
     def save(self, state: TrainState) -> None:
         """Write a checkpoint of `state` (asynchronously with checkpoint.async_save)."""
         self.wait()  # one save in flight at a time
-        name = f"{_PREFIX}{state.step:07d}"
+        name = f"{PREFIX}{state.step:07d}"
         tmp = self.root / f"{name}.tmp"
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +105,7 @@ class Checkpointer:
         self.on_event("save_begin")
         manifest = manifest_lib.build(
             self.cfg, step=state.step, consumed_samples=state.consumed_samples,
-            layout=_layout(), optimizer_format=OPTIMIZER_FORMAT,
+            layout=_layout(), optimizer_format=OPTIMIZER_FORMAT if self.optimizer else None,
             mlflow_run_id=_mlflow_run_id(self.run_dir))
         request = dist_checkpointing.save(
             self._sharded_state(state), str(tmp), async_sharded_save=self.queue is not None,
@@ -164,15 +119,9 @@ class Checkpointer:
 
     def save_last_good(self, state: TrainState) -> None:
         """Before stopping on a NaN/Inf: a whole checkpoint of `state` (unless there is one)."""
-        existing = checkpoints(self.run_dir).get(state.step)
         self.wait()
-        try:
-            if existing is not None and dist.get_rank() == 0:
-                manifest_lib.verify(existing, self.cfg)
-            have_one = existing is not None
-        except CheckpointInvalid:
-            have_one = False
-        box = [have_one]
+        box = [dist.get_rank() == 0 and _is_whole(checkpoints(self.run_dir).get(state.step),
+                                                  self.cfg)]
         dist.broadcast_object_list(box, src=0)
         if not box[0]:
             self.save(state)
@@ -194,13 +143,15 @@ class Checkpointer:
 
     def _sharded_state(self, state: TrainState) -> dict:
         model_state = _unwrap(self.model).sharded_state_dict()
-        return {
+        sharded = {
             "model": model_state,
-            "optimizer": OptimizerState(self.optimizer).sharded_state(model_state,
-                                                                      is_loading=False),
             "scheduler": self.scheduler.state_dict(),
             "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
         }
+        if self.optimizer is not None:
+            sharded["optimizer"] = OptimizerState(self.optimizer).sharded_state(
+                model_state, is_loading=False)
+        return sharded
 
     def _finish(self, tmp: Path, name: str, step: int, manifest: dict) -> None:
         """After every rank's files are written: manifest, rename, `latest`, retention."""
@@ -217,14 +168,20 @@ class Checkpointer:
         dist.barrier()
 
     def _apply_retention(self, step: int) -> None:
-        c = self.cfg.checkpoint
         found = checkpoints(self.run_dir)
-        for old in stale_steps(list(found), step, c.keep_last, c.keep_every):
+        for old in stale_steps(list(found), step, self.keep_last, self.keep_every):
             shutil.rmtree(found[old])
         # Leftovers of saves that were killed: never loadable, only taking space.
-        for leftover in self.root.glob(f"{_PREFIX}*.*"):
+        for leftover in self.root.glob(f"{PREFIX}*.*"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _is_whole(path: Path | None, cfg: ExperimentConfig) -> bool:
+    try:
+        return path is not None and bool(manifest_lib.verify(path, cfg))
+    except CheckpointInvalid:
+        return False
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -251,25 +208,10 @@ def _layout() -> dict:
 
 def _mlflow_run_id(run_dir: Path) -> str | None:
     path = Path(run_dir) / "mlflow_run_id"
-    return path.read_text().strip() or None if path.is_file() else None
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
-
-
-def broadcast_resume(run_dir: Path, cfg: ExperimentConfig) -> Resume:
-    """find_resumable on rank 0, the same answer (or error) on every rank: verifying reads and
-    hashes files, which one rank does for all."""
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = find_resumable(run_dir, cfg)
-        except NoUsableCheckpoint as err:
-            box[0] = err
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]

@@ -17,16 +17,11 @@ from megatron.core import parallel_state
 from moe_lab.config import ExperimentConfig, derive
 from moe_lab.data import SyntheticTokens, batch_indices
 from moe_lab.model import build_model, build_transformer_config
-from moe_lab.train.checkpoint import (
-    Checkpointer,
-    TrainState,
-    broadcast_resume,
-    load_checkpoint,
-    weights_source,
-)
+from moe_lab.train.checkpoint import Checkpointer, TrainState, load_checkpoint
 from moe_lab.train.faults import Fault, FaultInjector
 from moe_lab.train.guard import NonFiniteError
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_lab.train.resume import broadcast_resume, weights_source
 from moe_lab.train.step import Trainer
 
 

@@ -32,23 +32,26 @@ class CheckpointInvalid(Exception):
     """This checkpoint must not be loaded; the message names the file or key to blame."""
 
 
-def build(cfg: ExperimentConfig, *, step: int, consumed_samples: int, layout: dict,
-          optimizer_format: str, mlflow_run_id: str | None) -> dict:
-    """Everything but the file list, captured when the save starts (the RNG states then)."""
-    config = to_dict(cfg)
+def build(cfg: ExperimentConfig | None, *, step: int, consumed_samples: int, layout: dict,
+          optimizer_format: str | None, mlflow_run_id: str | None) -> dict:
+    """Everything but the file list, captured when the save starts (the RNG states then).
+    Without a config (a checkpoint written outside `train`, e.g. by a converter) the
+    config fields are null and the model is not checked on load."""
+    config = to_dict(cfg) if cfg is not None else None
+    t = cfg.training if cfg is not None else None
     return {
         "format": FORMAT,
         "step": step,
         "consumed_samples": consumed_samples,
-        "tokens": consumed_samples * cfg.training.seq_length,
-        "config_hash": _digest(json.dumps(config, sort_keys=True).encode()),
-        "model_config": {s: config[s] for s in MODEL_SECTIONS},
+        "tokens": consumed_samples * t.seq_length if t else None,
+        "config_hash": _digest(json.dumps(config, sort_keys=True).encode()) if config else None,
+        "model_config": {s: config[s] for s in MODEL_SECTIONS} if config else None,
         "parallel": layout,
         "optimizer_format": optimizer_format,
         "mlflow_run_id": mlflow_run_id,
         # Sample i of the data depends only on (seed, i): the next step starts at this index.
-        "data": {"next_sample": consumed_samples, "seed": cfg.training.seed,
-                 "global_batch_size": cfg.training.global_batch_size},
+        "data": {"next_sample": consumed_samples, "seed": t.seed if t else None,
+                 "global_batch_size": t.global_batch_size if t else None},
         "rng": capture_rng(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -94,7 +97,7 @@ def verify(directory: Path, cfg: ExperimentConfig | None = None) -> dict:
                                     f"{expected['bytes']} (truncated or overwritten)")
         if "sha256" in expected and _file_digest(path) != expected["sha256"]:
             raise CheckpointInvalid(f"{path} does not match its SHA-256 in the manifest")
-    if cfg is not None:
+    if cfg is not None and manifest["model_config"] is not None:
         _check_model(directory, manifest["model_config"], to_dict(cfg))
     return manifest
 

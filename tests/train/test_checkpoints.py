@@ -17,8 +17,14 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from moe_lab import config as config_lib
 from moe_lab.testing import run_cli
 from moe_lab.tracking import read_metrics
-from moe_lab.train.checkpoint import NoUsableCheckpoint, checkpoints, find_resumable
+from moe_lab.train.resume import (
+    NoUsableCheckpoint,
+    checkpoints,
+    find_resumable,
+    latest_checkpoint,
+)
 from moe_lab.train.faults import Fault
+from moe_lab.train import manifest as manifest_lib
 from moe_lab.train.manifest import MANIFEST, verify
 from moe_lab.train.retention import stale_steps
 
@@ -85,6 +91,13 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+def _as_another_models(ckpt):
+    """The checkpoint of a model with hidden_size 32, with a consistent manifest."""
+    manifest = manifest_lib.read(ckpt)
+    manifest["model_config"]["model"]["hidden_size"] = 32
+    manifest_lib.write(ckpt, manifest)
+
+
 DAMAGE = {
     "missing data file": (lambda c: _distcp(c).unlink(), "__0_0.distcp is missing"),
     "truncated data file": (lambda c: _truncate(_distcp(c)), "__0_0.distcp has"),
@@ -96,6 +109,7 @@ DAMAGE = {
     "edited manifest": (lambda c: (c / MANIFEST).write_text(
         (c / MANIFEST).read_text().replace('"step": 12', '"step": 13')),
         "manifest.json does not match its own checksum"),
+    "another model's checkpoint": (_as_another_models, "model.hidden_size is 32 in"),
 }
 
 
@@ -188,3 +202,10 @@ def test_fault_specs_parse_or_name_the_problem():
     for bad in ("kill@nowhere:1", "kill@step_end", "nan@step_end:1", "kill@step_end:0"):
         with pytest.raises(ValueError, match="fault"):
             Fault.parse(bad)
+
+
+def test_latest_checkpoint_is_the_newest_whole_one(run_copy, tmp_path):
+    assert latest_checkpoint(run_copy).name == "step_0000012"
+    (run_copy / "checkpoints" / "step_0000012" / MANIFEST).unlink()
+    assert latest_checkpoint(run_copy).name == "step_0000010"
+    assert latest_checkpoint(tmp_path / "nothing here") is None

@@ -13,7 +13,7 @@ import random
 import signal
 
 from moe_lab import config as config_lib
-from moe_lab.train.checkpoint import find_resumable
+from moe_lab.train.resume import find_resumable
 from moe_lab.train.manifest import verify
 
 from .conftest import STEPS, same_rows, train
