@@ -37,7 +37,8 @@ def same_rows(run_dir: Path, reference: Path) -> None:
     got, want = read_metrics(run_dir / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(got, want):
-        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+        keys = ("loss", "grad_norm", "lr")
+        assert [a[k] for k in keys] == [b[k] for k in keys], a["step"]
 
 
 @pytest.fixture(scope="session")

@@ -151,7 +151,8 @@ def test_run_without_a_usable_checkpoint_is_refused_and_left_untouched(run_copy)
     result = run_cli(train_args(run_copy))
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("moe-lab: error: no checkpoint in") and "step_0000004/__0_0.distcp has" in line
+    assert line.startswith("moe-lab: error: no checkpoint in")
+    assert "step_0000004/__0_0.distcp has" in line
     assert {p: p.stat().st_size for p in run_copy.rglob("*") if p.is_file()} == before
 
 
