@@ -200,6 +200,7 @@ def test_nonfinite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path)
 
 def test_fault_specs_parse_or_name_the_problem():
     assert Fault.parse("kill@save_written:2") == Fault("kill", "save_written", 2)
+    assert Fault.parse("kill@grads:3") == Fault("kill", "grads", 3)
     for bad in ("kill@nowhere:1", "kill@step_end", "nan@step_end:1", "kill@step_end:0"):
         with pytest.raises(ValueError, match="fault"):
             Fault.parse(bad)

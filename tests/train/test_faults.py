@@ -18,10 +18,11 @@ from moe_lab.train.manifest import verify
 
 from .conftest import STEPS, same_rows, train
 
-SEED = 5
+SEED = 0
 KILLS = 10
-KILL_POINTS = ("step_begin", "step_end", "save_begin", "save_written", "save_manifest",
+KILL_POINTS = ("step_begin", "grads", "step_end", "save_begin", "save_written", "save_manifest",
                "save_renamed", "save_latest")
+STEP_POINTS = ("step_begin", "grads", "step_end")  # the N-th step of the run
 
 
 def plan(rng: random.Random) -> list[str]:
@@ -36,9 +37,9 @@ def draw(rng: random.Random, point: str, resumed_at: int) -> tuple[str, int, boo
     the run must have steps left for the next kill); a step point when no save is left."""
     remaining = STEPS - resumed_at
     saves_before_last = (remaining - 1) // 2  # checkpoints every 2 steps
-    if point.startswith("save") and saves_before_last == 0:
-        point = rng.choice(("step_begin", "step_end"))
-    limit = remaining if point.startswith("step") else saves_before_last
+    if point not in STEP_POINTS and saves_before_last == 0:
+        point = rng.choice(STEP_POINTS)
+    limit = remaining if point in STEP_POINTS else saves_before_last
     n = rng.randint(1, min(limit, 2 if point.startswith("save") else 4))
     # Asynchronous saves where the kill is inside a save; a kill inside a step while a write
     # is in flight would make the resume point depend on timing, and the plan with it.
@@ -47,7 +48,7 @@ def draw(rng: random.Random, point: str, resumed_at: int) -> tuple[str, int, boo
 
 def resume_after_kill(point: str, n: int, resumed_at: int) -> int:
     """Where the next run must resume: the last save whose directory got its final name."""
-    if point.startswith("step"):
+    if point in STEP_POINTS:
         saves_done = (n - 1) // 2  # a step_end kill comes before that step's save
     else:
         saves_done = n if point in ("save_renamed", "save_latest") else n - 1
