@@ -199,6 +199,8 @@ class TrainingConfig:
     fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
     recompute: Literal["none", "selective", "full"] = "none"
     peak_tflops: float = 989.0  # per GPU, for throughput/mfu (H100/H200 dense bf16)
+    # A NaN/Inf loss or grad norm: `stop` (save the last good state, exit 3) or `skip` the update.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self):
         _positive("training", self, "max_steps", "micro_batch_size", "global_batch_size",
@@ -211,6 +213,7 @@ class TrainingConfig:
         _one_of("training.fp8_recipe", self.fp8_recipe,
                 ("tensorwise", "delayed", "blockwise", "mxfp8"))
         _one_of("training.recompute", self.recompute, ("none", "selective", "full"))
+        _one_of("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
 
 @dataclass(frozen=True)
@@ -218,11 +221,14 @@ class CheckpointConfig:
     enabled: bool = True  # false: never save (benchmarks, smoke tests)
     interval: int = 0  # save every N steps (0: only at the end of training)
     keep_last: int = 0  # 0: keep every checkpoint
+    keep_every: int = 0  # with keep_last: also keep every step that is a multiple of this
+    async_save: bool = False  # write tensors in a background process while training goes on
     init_from: str | None = None  # weights only: fresh optimizer, schedule and step
 
     def __post_init__(self):
         _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ run directory is checked before anything is written into it.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
 from moe_lab.data import check_data
+from moe_lab.launch.cli import UserError
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
 from moe_lab.launch.upcycle import upcycle_before_training
 
@@ -31,6 +33,8 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
     use_gpu = _use_gpu(cfg)
     _check_router(cfg)
     _check_resume(run_dir, cfg)
+    _check_checkpoints(run_dir, cfg)
+    fault = _test_fault()
     cfg = upcycle_before_training(config_path, overrides, cfg, run_dir, env)
 
     if not use_gpu:
@@ -50,8 +54,15 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
             print(f"run directory: {run_dir}  (layout {cfg.parallel.describe()}, "
                   f"world {env.world_size}, {'GPU' if use_gpu else 'CPU'})", flush=True)
         dist.barrier()
+        from moe_lab.train.guard import NonFiniteError
+
         try:
-            train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
+            train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step, fault=fault)
+        except NonFiniteError as err:
+            close_sinks(sinks, err)
+            print(f"moe-lab: stopped: {err}; the last good state is the newest checkpoint",
+                  file=sys.stderr)
+            return 3
         except BaseException as err:
             close_sinks(sinks, err)
             raise
@@ -99,15 +110,39 @@ def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:
                     key=f"{section}.{key}")
 
 
+def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """The checks loading makes (train/checkpoint.py), so that a run that cannot resume or
+    initialise stops here with one line."""
+    from moe_lab.train.manifest import CheckpointInvalid
+    from moe_lab.train.resume import preflight
+
+    try:
+        preflight(run_dir, cfg)
+    except CheckpointInvalid as err:
+        raise UserError(str(err)) from None
+
+
+def _test_fault():
+    """MOE_LAB_TEST_FAULT (tests only): kill or poison at a named point (train/faults.py)."""
+    spec = os.environ.get("MOE_LAB_TEST_FAULT")
+    if not spec:
+        return None
+    from moe_lab.train.faults import Fault
+
+    try:
+        return Fault.parse(spec)
+    except ValueError as err:
+        raise UserError(f"MOE_LAB_TEST_FAULT: {err}") from None
+
+
 def _sinks(cfg: ExperimentConfig, run_dir: Path, env, config_path: str) -> list:
     if env.rank != 0:
         return []
     from moe_lab.tracking import ConsoleSink, JsonlSink
-    from moe_lab.train.checkpoint import latest_checkpoint
+    from moe_lab.train.resume import find_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(run_dir)
-    resume_step = int(latest.name.split("_")[1]) if latest else 0
+    resume_step = find_resumable(run_dir, cfg).step
     quiet = os.environ.get("MOE_LAB_QUIET") == "1"
     sinks = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
     if not quiet:

@@ -1,9 +1,14 @@
 """Checkpoints with megatron dist_checkpointing: RUN_DIR/checkpoints/step_NNNNNNN/ + `latest`.
 
-A checkpoint is written under a temporary name and renamed when every rank has finished, and the
-`latest` marker moves only after the rename, so a crash mid-save never leaves a half-written
-checkpoint under a final name. Sharded tensors (model, optimizer) are saved by the ranks that own
-them; the scheduler, step and RNG state are common state written once.
+A save writes `step_NNNNNNN.tmp/` (each rank its own tensors; optionally asynchronously), then rank
+0 writes the manifest into it, renames it to its final name and only then moves the `latest`
+marker and applies retention. A crash at any point leaves either a `.tmp` directory, which is
+never loaded, or a complete checkpoint. Resuming takes the newest checkpoint whose manifest
+verifies (manifest.py); a damaged one is skipped with a warning naming what is wrong.
+
+Contents: the model's sharded state (no DDP `module.` prefix), the optimizer state in parameter
+space (optimizer_state.py: loadable in any parallel layout), and as common state the scheduler
+and {step, consumed_samples}. RNG states are in the manifest.
 """
 
 from __future__ import annotations
@@ -12,14 +17,24 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-# fully_reshardable is the DistributedOptimizer format that loads on the non-TE path here.
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+from moe_lab.config import ExperimentConfig
+from moe_lab.train import manifest as manifest_lib
+from moe_lab.train.manifest import CheckpointInvalid
+from moe_lab.train.optimizer_state import FORMAT as OPTIMIZER_FORMAT
+from moe_lab.train.optimizer_state import OptimizerState
+from moe_lab.train.resume import (  # noqa: F401 (latest_checkpoint: for readers outside train)
+    PREFIX,
+    checkpoint_dir,
+    checkpoints,
+    latest_checkpoint,
+)
+from moe_lab.train.retention import stale_steps
 
 
 @dataclass
@@ -28,16 +43,14 @@ class TrainState:
     consumed_samples: int = 0
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    marker = checkpoint_dir(run_dir) / "latest"
-    if not marker.is_file():
-        return None
-    path = checkpoint_dir(run_dir) / marker.read_text().strip()
-    return path if path.is_dir() else None
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler,
+                    keep_last: int = 0) -> Path:
+    """One synchronous save outside the training loop (optimizer may be None: weights only),
+    in the same layout with a manifest; returns the checkpoint directory."""
+    saver = Checkpointer(None, run_dir, model, optimizer, scheduler)
+    saver.keep_last = keep_last
+    saver.save(state)
+    return checkpoint_dir(run_dir) / f"{PREFIX}{state.step:07d}"
 
 
 def _unwrap(model):
@@ -45,107 +58,157 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_state = _unwrap(model).sharded_state_dict()
-    state = {"model": model_state}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
-    return state
-
-
-def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler,
-                    keep_last: int = 0) -> Path:
-    root = checkpoint_dir(run_dir)
-    name = f"step_{state.step:07d}"
-    final, tmp = root / name, root / f"{name}.tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    sharded = _sharded_state(model, optimizer, is_loading=False)
-    sharded.update(
-        scheduler=scheduler.state_dict(),
-        train_state={"step": state.step, "consumed_samples": state.consumed_samples},
-        rng={"torch": torch.get_rng_state()},
-    )
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=_OPTIMIZER_FORMAT)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if final.exists():  # re-saving the same step after a restart
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomically(root / "latest", name)
-        _apply_retention(root, keep_last)
-    dist.barrier()
-    return final
-
-
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainState:
-    """Load model (and optimizer and scheduler, when given) state saved by save_checkpoint."""
+    """Load the model, and the optimizer, scheduler, step and RNG when given an optimizer."""
+    model_state = _unwrap(model).sharded_state_dict()
+    sharded = {"model": model_state}
+    optimizer_state = None
     if optimizer is not None:
-        _materialise_optimizer_state(optimizer)
-    sharded = _sharded_state(model, optimizer, is_loading=True)
-    if scheduler is not None:
-        sharded.update(scheduler=scheduler.state_dict(), train_state={}, rng={})
+        optimizer_state = OptimizerState(optimizer)
+        sharded["optimizer"] = optimizer_state.sharded_state(model_state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     _unwrap(model).load_state_dict(loaded["model"])
     if optimizer is None:
         return TrainState()
-    _load_optimizer_state(optimizer, loaded["optimizer"])
+    optimizer_state.load(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
-    torch.set_rng_state(loaded["rng"]["torch"])
+    manifest_lib.restore_rng(manifest_lib.read(path)["rng"])
     return TrainState(**loaded["train_state"])
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """A fresh torch Adam has no per-parameter state until its first step, but building the
-    load template (DistributedOptimizer.state_dict) reads every parameter's `step` and the
-    fully_reshardable loader copies into existing exp_avg/exp_avg_sq. megatron's init hook
-    creates the moments without touching the parameters; `step` we add (the checkpoint's
-    value replaces it)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(opt, "init_state_fn", None) is None:
-            continue
-        opt.init_state_fn(opt.optimizer, opt.config)
-        for state in opt.optimizer.state.values():
-            state.setdefault("step", torch.tensor(0.0))
+class Checkpointer:
+    """Saves checkpoints of one run: layout on disk, async writes, manifest, retention.
 
-
-def _load_optimizer_state(optimizer, state: dict) -> None:
-    """optimizer.load_state_dict, in two phases for each DistributedOptimizer.
-
-    On megatron-core 0.19.2 without apex/TE, DistributedOptimizer.load_state_dict first puts
-    Adam's tensor `step` into every parameter's state and then expects a `step` entry in the
-    fully_reshardable parameter state, which never holds one (KeyError 'step'). Loading the
-    parameter state ourselves, with `step` set aside, uses the same public methods in the same
-    order. Without this, resuming raised KeyError 'step', and with a shared step tensor the
-    first resumed update differed from an uninterrupted run.
+    `on_event(name)` is called at each stage of a save (save_begin, save_written,
+    save_manifest, save_renamed, save_latest): the fault-injection tests kill the process there.
     """
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]
-    for opt, sub_state in zip(subs, states):
-        param_state = None
-        if isinstance(opt, DistributedOptimizer) and "param_state" in sub_state:
-            param_state = sub_state.pop("param_state")
-            kind = sub_state.pop("param_state_sharding_type")
-            assert kind == "fully_reshardable", kind
-        opt.load_state_dict(sub_state)
-        if param_state is not None:
-            steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
-            opt.load_parameter_state_from_fully_reshardable(param_state)
-            for param, step in steps.items():
-                # load_state_dict gave every parameter the same step tensor, and torch's Adam
-                # increments it in place once per parameter: each needs its own.
-                opt.optimizer.state[param]["step"] = step.clone()
+
+    def __init__(self, cfg: ExperimentConfig | None, run_dir: Path, model, optimizer, scheduler,
+                 on_event: Callable[[str], None] = lambda name: None):
+        self.cfg, self.root = cfg, checkpoint_dir(run_dir)
+        self.run_dir = Path(run_dir)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.on_event = on_event
+        c = cfg.checkpoint if cfg is not None else None
+        self.keep_last, self.keep_every = (c.keep_last, c.keep_every) if c else (0, 0)
+        self.queue = AsyncCallsQueue() if c and c.async_save else None
+
+    def save(self, state: TrainState) -> None:
+        """Write a checkpoint of `state` (asynchronously with checkpoint.async_save)."""
+        self.wait()  # one save in flight at a time
+        name = f"{PREFIX}{state.step:07d}"
+        tmp = self.root / f"{name}.tmp"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.on_event("save_begin")
+        manifest = manifest_lib.build(
+            self.cfg, step=state.step, consumed_samples=state.consumed_samples,
+            layout=_layout(), optimizer_format=OPTIMIZER_FORMAT if self.optimizer else None,
+            mlflow_run_id=_mlflow_run_id(self.run_dir))
+        request = dist_checkpointing.save(
+            self._sharded_state(state), str(tmp), async_sharded_save=self.queue is not None,
+            async_strategy="mcore")
+        finish = lambda: self._finish(tmp, name, state.step, manifest)  # noqa: E731
+        if request is None:
+            finish()
+        else:
+            request.add_finalize_fn(finish)
+            self.queue.schedule_async_request(request)
+
+    def save_last_good(self, state: TrainState) -> None:
+        """Before stopping on a NaN/Inf: a whole checkpoint of `state` (unless there is one)."""
+        self.wait()
+        box = [dist.get_rank() == 0 and _is_whole(checkpoints(self.run_dir).get(state.step),
+                                                  self.cfg)]
+        dist.broadcast_object_list(box, src=0)
+        if not box[0]:
+            self.save(state)
+        self.close()
+
+    def poll(self) -> None:
+        """Finish an asynchronous save whose files are written (collective: every rank)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Finish any asynchronous save, waiting for its files."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+
+    def _sharded_state(self, state: TrainState) -> dict:
+        model_state = _unwrap(self.model).sharded_state_dict()
+        sharded = {
+            "model": model_state,
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
+        }
+        if self.optimizer is not None:
+            sharded["optimizer"] = OptimizerState(self.optimizer).sharded_state(
+                model_state, is_loading=False)
+        return sharded
+
+    def _finish(self, tmp: Path, name: str, step: int, manifest: dict) -> None:
+        """After every rank's files are written: manifest, rename, `latest`, retention."""
+        self.on_event("save_written")
+        final = self.root / name
+        if dist.get_rank() == 0:
+            manifest_lib.write(tmp, manifest)
+            self.on_event("save_manifest")
+            _replace_dir(tmp, final)
+            self.on_event("save_renamed")
+            _write_atomically(self.root / "latest", name)
+            self.on_event("save_latest")
+            self._apply_retention(step)
+        dist.barrier()
+
+    def _apply_retention(self, step: int) -> None:
+        found = checkpoints(self.run_dir)
+        for old in stale_steps(list(found), step, self.keep_last, self.keep_every):
+            shutil.rmtree(found[old])
+        # Leftovers of saves that were killed: never loadable, only taking space.
+        for leftover in self.root.glob(f"{PREFIX}*.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _apply_retention(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old)
+def _is_whole(path: Path | None, cfg: ExperimentConfig) -> bool:
+    try:
+        return path is not None and bool(manifest_lib.verify(path, cfg))
+    except CheckpointInvalid:
+        return False
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final. A checkpoint of the same step (re-reached after a restart) is moved
+    aside first and deleted after, so a crash in between still leaves a whole one."""
+    old = final.with_name(final.name + ".replaced")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _layout() -> dict:
+    ps = parallel_state
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size()}
+
+
+def _mlflow_run_id(run_dir: Path) -> str | None:
+    path = Path(run_dir) / "mlflow_run_id"
+    return (path.read_text().strip() or None) if path.is_file() else None
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -17,20 +17,19 @@ from megatron.core import parallel_state
 from moe_lab.config import ExperimentConfig, derive
 from moe_lab.data import build_data_source
 from moe_lab.model import build_model, build_transformer_config
-from moe_lab.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from moe_lab.train.checkpoint import Checkpointer, TrainState, load_checkpoint
 from moe_lab.train.evaluate import log_validation
+from moe_lab.train.faults import Fault, FaultInjector
+from moe_lab.train.guard import NonFiniteError
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_lab.train.resume import broadcast_resume, weights_source
 from moe_lab.train.step import Trainer
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
-          stop_at_step: int | None = None) -> TrainState:
-    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state."""
+          stop_at_step: int | None = None, fault: Fault | None = None) -> TrainState:
+    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state.
+    `fault` is for tests only (train/faults.py)."""
     t = cfg.training
     torch.manual_seed(t.seed)
     if use_gpu:
@@ -44,8 +43,10 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     model = wrap_ddp(cfg, config, model)
     optimizer = build_optimizer(cfg, config, model)
     scheduler = build_scheduler(cfg, optimizer)
+    faults = FaultInjector(fault, config)
 
     state = _restore(cfg, run_dir, model, optimizer, scheduler)
+    checkpointer = Checkpointer(cfg, run_dir, model, optimizer, scheduler, on_event=faults.at)
     for sink in sinks:
         if hasattr(sink, "start"):
             sink.start(state.step)
@@ -63,7 +64,14 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     while state.step < last:
         batches = data.batches(state.step, dp_rank, dp_size)
         step_start = time.perf_counter()
-        metrics = trainer.step(state.step, batches)
+        faults.at("step_begin")
+        try:
+            metrics = trainer.step(state.step, batches)
+        except NonFiniteError:
+            if cfg.checkpoint.enabled:
+                checkpointer.save_last_good(state)  # the bad update was not applied
+            raise
+        faults.at("step_end")
         if use_gpu:
             torch.cuda.synchronize()
         step_time = time.perf_counter() - step_start
@@ -79,8 +87,9 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         log_validation(cfg, model, data, state.step, sinks)
         due = (interval and state.step % interval == 0) or state.step == last
         if cfg.checkpoint.enabled and due:
-            save_checkpoint(run_dir, state, model, optimizer, scheduler,
-                            keep_last=cfg.checkpoint.keep_last)
+            checkpointer.save(state)
+        checkpointer.poll()
+    checkpointer.close()
     return state
 
 
@@ -95,14 +104,16 @@ def _log_expert_load(sinks, step: int, load) -> None:
 
 def _restore(cfg, run_dir, model, optimizer, scheduler) -> TrainState:
     """Resume the run in run_dir, or start from checkpoint.init_from's weights, or fresh."""
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler)
-        _say(f"resumed from {latest} at step {state.step}")
+    resume = broadcast_resume(run_dir, cfg)
+    for path, reason in resume.skipped:
+        _say(f"warning: skipping checkpoint {path.name}: {reason}")
+    if resume.path is not None:
+        state = load_checkpoint(resume.path, model, optimizer, scheduler)
+        _say(f"resumed from {resume.path} at step {state.step}")
         return state
     if cfg.checkpoint.init_from:
-        source = Path(cfg.checkpoint.init_from)
-        load_checkpoint(latest_checkpoint(source) or source, model)
+        source = weights_source(Path(cfg.checkpoint.init_from))
+        load_checkpoint(source, model)
         _say(f"initialised weights from {source}")
     return TrainState()
 

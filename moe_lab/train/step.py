@@ -12,6 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 
 from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
+from moe_lab.train.guard import check_before_update
 
 # megatron's tracker name -> moe.balance coefficient name
 _BALANCE_TERMS = {"load_balancing_loss": "aux", "seq_load_balancing_loss": "seq_aux",
@@ -67,11 +68,14 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
         metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
+        skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
+        if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
+            return skipped
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.moe_telemetry:  # also applies the aux-loss-free expert bias updates
