@@ -61,7 +61,8 @@ def test_params_are_the_flattened_config_without_tracking():
     from moe_lab import config as config_lib
     from moe_lab.tracking.params import run_params
 
-    params = run_params(config_lib.load(TINY_MOE, ["tracking.run_name=x"]))
+    params = run_params(config_lib.load(TINY_MOE, ["tracking.run_name=x",
+                                                   "moe.router.norm_topk_prob=false"]))
     assert params["moe.router.name"] == "topk_softmax"
     assert params["moe.router.norm_topk_prob"] == "false"
     assert params["optimizer.betas"] == "[0.9, 0.95]" and params["moe.capacity_factor"] == "null"
