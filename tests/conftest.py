@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ from moe_lab.testing import run_cli
 REPO = Path(__file__).resolve().parents[1]
 TINY_MOE = str(REPO / "experiments" / "tiny_moe.yaml")
 TINY_DENSE = str(REPO / "experiments" / "tiny_dense.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _reset_megatron_aux_loss_scale():
+    """megatron keeps the MoE aux-loss gradient scale in a class attribute, created by whoever
+    sets it first: a backward outside its schedules (model and router tests) leaves a 0-d tensor
+    that the schedules' later [1]-shaped copy_ rejects. Each in-process test starts without it."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 @pytest.fixture(scope="session")
