@@ -13,6 +13,7 @@ import yaml
 
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
+from moe_lab.launch import preemption
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
 
 # Sections that define the model's weights: a run cannot be resumed with other values.
@@ -21,6 +22,7 @@ _FIXED_ON_RESUME = ("model", "moe")
 
 def run_train(config_path: str, overrides: list[str], run_dir: str | None,
               stop_at_step: int | None) -> int:
+    watch = preemption.install()  # SIGUSR1/SIGTERM: save after the current step, exit 75
     cfg = config_lib.load(config_path, overrides)
     run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
     env = detect_env()
@@ -44,12 +46,13 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
             print(f"run directory: {run_dir}  (layout {cfg.parallel.describe()}, "
                   f"world {env.world_size}, {'GPU' if use_gpu else 'CPU'})", flush=True)
         dist.barrier()
-        train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step)
+        state = train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step,
+                      stop_requested=watch.should_stop)
         for sink in sinks:
             sink.close()
     finally:
         shutdown_distributed()
-    return 0
+    return watch.exit_code(state.step, cfg.training.max_steps)
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:

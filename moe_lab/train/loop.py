@@ -28,8 +28,11 @@ from moe_lab.train.step import Trainer
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
-          stop_at_step: int | None = None) -> TrainState:
-    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state."""
+          stop_at_step: int | None = None, stop_requested=None) -> TrainState:
+    """Train until training.max_steps (or stop_at_step, saving there). Returns the final state.
+
+    stop_requested: called by every rank after each step; True saves and returns early
+    (preemption, see launch/preemption.py)."""
     t = cfg.training
     torch.manual_seed(t.seed)
     if use_gpu:
@@ -76,10 +79,13 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         if state.step % t.log_interval == 0 or state.step == last:
             for sink in sinks:
                 sink.log(state.step, metrics)
-        due = (interval and state.step % interval == 0) or state.step == last
+        stop = stop_requested is not None and stop_requested()
+        due = (interval and state.step % interval == 0) or state.step == last or stop
         if cfg.checkpoint.enabled and due:
             save_checkpoint(run_dir, state, model, optimizer, scheduler,
                             keep_last=cfg.checkpoint.keep_last)
+        if stop:
+            break
     return state
 
 

@@ -5,4 +5,4 @@ function taking the parsed args and returning an exit code. Adding a command is 
 here and its name to COMMANDS.
 """
 
-COMMANDS = ["train", "config_show"]
+COMMANDS = ["train", "config_show", "submit", "sweep"]

@@ -1,0 +1,99 @@
+"""A sweep in MLflow: its parent run, and which members have finished.
+
+`ensure_parent_run` finds the sweep's parent run by its tags or creates it, before any member
+starts; each member then logs into a child run (tracking.parent_run_id, set by `moe-lab sweep`).
+A member is finished when its MLflow run (RUN_DIR/mlflow_run_id) is FINISHED and has logged
+`loss` at training.max_steps; without MLflow (tracking off, no run id yet, store unreachable) when
+its latest checkpoint is at max_steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_lab.config import ExperimentConfig
+
+TAG_SWEEP_ID = "moe_lab.sweep_id"
+TAG_SWEEP_NAME = "moe_lab.sweep_name"
+TAG_ROLE = "moe_lab.role"
+PARENT_ROLE = "sweep_parent"
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a sweep's runs live: tracking URI, experiment, and the artifact root to create it
+    with (the default local store keeps artifacts in <cwd>/mlartifacts)."""
+
+    uri: str
+    experiment: str
+    artifact_location: str | None
+
+
+def store_for(cfg: ExperimentConfig, experiment: str, cwd: Path) -> Store:
+    if cfg.tracking.uri:
+        return Store(cfg.tracking.uri, experiment, None)
+    return Store(f"sqlite:///{cwd}/mlruns.db", experiment, (cwd / "mlartifacts").as_uri())
+
+
+def ensure_parent_run(store: Store, sweep_id: str, sweep_name: str, description: dict) -> str:
+    """The id of the sweep's parent run: found by its tags, else created (status RUNNING)."""
+    client = _client(store.uri)
+    experiment_id = _experiment_id(client, store)
+    found = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+        filter_string=f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = "
+                      f"'{PARENT_ROLE}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=sweep_name, tags={
+        TAG_SWEEP_ID: sweep_id, TAG_SWEEP_NAME: sweep_name, TAG_ROLE: PARENT_ROLE})
+    client.log_dict(run.info.run_id, description, "sweep.json")
+    return run.info.run_id
+
+
+def finish_parent_run(store: Store, run_id: str) -> None:
+    """Mark the parent FINISHED (all members are); a later re-run may reopen nothing."""
+    _client(store.uri).set_terminated(run_id, "FINISHED")
+
+
+def is_finished(run_dir: Path, max_steps: int, store: Store | None) -> bool:
+    """Has the member in run_dir reached max_steps? MLflow first, the checkpoint as fallback."""
+    run_id_file = Path(run_dir) / "mlflow_run_id"
+    if store is not None and run_id_file.is_file():
+        try:
+            return _mlflow_finished(store.uri, run_id_file.read_text().strip(), max_steps)
+        except Exception as err:  # noqa: BLE001 - any MLflow failure: judge by the checkpoint
+            print(f"MLflow unreachable for {run_dir} ({type(err).__name__}); judging it by its "
+                  f"checkpoint", flush=True)
+    return checkpoint_step(run_dir) >= max_steps
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    from moe_lab.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(run_dir))
+    return int(latest.name.rpartition("_")[2]) if latest else 0
+
+
+def _mlflow_finished(uri: str, run_id: str, max_steps: int) -> bool:
+    client = _client(uri)
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return False
+    history = client.get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=0) >= max_steps
+
+
+def _experiment_id(client, store: Store) -> str:
+    experiment = client.get_experiment_by_name(store.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(store.experiment, artifact_location=store.artifact_location)
+
+
+def _client(uri: str):
+    # The caller (launch/) has switched MLflow's telemetry off in the environment.
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
