@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from moe_lab.config.loader import _resolve_config_path, load
+from moe_lab.config.loader import COMMAND_LINE, _resolve_config_path, load
 from moe_lab.config.schema import ConfigError, ExperimentConfig
 
 _SWEEP_KEYS = ("name", "base", "overrides", "grid", "members")
@@ -91,7 +91,9 @@ def load_sweep(path: str | Path) -> Sweep:
         try:
             config = load(base, override_args(overrides))
         except ConfigError as err:
-            raise ConfigError(f"{path}: member {name}: {err}", key=err.key) from None
+            # The loader blames "command line" for overrides: here they come from the sweep.
+            message = str(err).removeprefix(f"{COMMAND_LINE}: ")
+            raise ConfigError(f"{path}: member {name}: {message}", key=err.key) from None
         resolved.append(Member(name, overrides, config))
     _check_unique(path, resolved)
     return Sweep(str(spec["name"]), path, base, tuple(resolved))

@@ -68,6 +68,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r".*(Apex|Transformer Engine|absl|non-leaf Tensor).*")
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime"
 
 
 if __name__ == "__main__":

@@ -34,10 +34,13 @@ class MemberRun:
         return self.run_dir.name
 
 
-def telemetry_off() -> None:
-    """MLflow phones home unless told not to, here and in every process started from here."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+def mlflow_environment() -> None:
+    """For this process and the members it starts: MLflow's telemetry off (it phones home
+    otherwise), and a dead tracking server fails in seconds instead of minutes of retries."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ["DO_NOT_TRACK"] = "true"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def check_members(sweep: Sweep, world_size: int) -> None:

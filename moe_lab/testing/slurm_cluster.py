@@ -121,6 +121,12 @@ class LocalSlurmCluster:
             parts.append(f"== {path.name}\n{path.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
+    def client_env(self) -> dict:
+        """The environment for `moe-lab`/sbatch processes of a test: clean, plus SLURM_CONF."""
+        from moe_lab.testing.distributed import _env
+
+        return _env(self.env)
+
     # -- internals -------------------------------------------------------------------------
     def _env(self) -> dict:
         return {**os.environ, **self.env}

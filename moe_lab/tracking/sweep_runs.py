@@ -9,31 +9,43 @@ its latest checkpoint is at max_steps.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lab.config import ExperimentConfig
 
-TAG_SWEEP_ID = "moe_lab.sweep_id"
-TAG_SWEEP_NAME = "moe_lab.sweep_name"
-TAG_ROLE = "moe_lab.role"
-PARENT_ROLE = "sweep_parent"
+# Members' runs carry `sweep_id` and `mlflow.parentRunId` (set by the MLflow sink from
+# tracking.sweep_id / tracking.parent_run_id); the parent carries the same `sweep_id`.
+TAG_SWEEP_ID = "sweep_id"
+TAG_SWEEP_NAME = "sweep_name"
+TAG_ROLE = "sweep_role"
+PARENT_ROLE = "parent"
 
 
 @dataclass(frozen=True)
 class Store:
-    """Where a sweep's runs live: tracking URI, experiment, and the artifact root to create it
-    with (the default local store keeps artifacts in <cwd>/mlartifacts)."""
+    """Where a sweep's runs live: tracking URI and experiment."""
 
     uri: str
     experiment: str
-    artifact_location: str | None
+
+    @property
+    def artifact_location(self) -> str | None:
+        """A sqlite store keeps artifacts beside the database, in mlartifacts/<experiment>."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        root = Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts"
+        return (root / (re.sub(r"[^A-Za-z0-9._-]+", "_", self.experiment).strip("_")
+                        or "experiment")).as_uri()
 
 
 def store_for(cfg: ExperimentConfig, experiment: str, cwd: Path) -> Store:
-    if cfg.tracking.uri:
-        return Store(cfg.tracking.uri, experiment, None)
-    return Store(f"sqlite:///{cwd}/mlruns.db", experiment, (cwd / "mlartifacts").as_uri())
+    """The same store the members' runs will use: tracking.uri, else <cwd>/mlruns.db."""
+    uri = cfg.tracking.uri or f"sqlite:///{Path(cwd).resolve() / 'mlruns.db'}"
+    if "://" not in uri and not uri.startswith("sqlite:"):  # a bare path is a sqlite file
+        uri = f"sqlite:///{(Path(cwd) / uri).resolve()}"
+    return Store(uri, experiment)
 
 
 def ensure_parent_run(store: Store, sweep_id: str, sweep_name: str, description: dict) -> str:

@@ -50,7 +50,7 @@ def run(args) -> int:
     from moe_lab.launch import sweep as sweeps
     from moe_lab.launch.cli import UserError
 
-    sweeps.telemetry_off()
+    sweeps.mlflow_environment()
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UserError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
     spec = load_sweep(args.sweep)

@@ -1,0 +1,119 @@
+"""`moe-lab submit` on a real Slurm cluster: a 2-node gloo job, the rendered script, preemption.
+
+Run: pytest tests/slurm  (needs Debian's slurmctld/slurmd/slurm-client: scripts/ci.d/slurm.sh)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+from moe_lab.testing import run_cli
+from moe_lab.tracking import read_metrics
+
+from ..conftest import TINY_MOE
+
+CPU_JOB = ["--gpus-per-node", "0", "--time", "00:20:00"]
+FAST = ["optimizer.warmup_steps=0", "training.log_interval=1", "tracking.enabled=false"]
+
+
+def _log(run_dir) -> str:
+    return "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
+
+
+def test_two_node_job_trains_across_nodes_with_gloo(slurm_cluster, moe_lab_on, tmp_path):
+    run_dir = tmp_path / "run"
+    result = moe_lab_on(["submit", TINY_MOE, "--nodes", "2", *CPU_JOB, "--run-dir", run_dir,
+                         "--wait", "training.max_steps=3", "parallel.ep=2", *FAST], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr + _log(run_dir)
+    job_id = (run_dir / "slurm_job_id").read_text().strip()
+    assert f"submitted job {job_id}" in result.stdout
+    job = slurm_cluster.job(job_id)
+    assert (job["JobState"], job["NumNodes"], job["ExitCode"]) == ("COMPLETED", "2", "0:0")
+    log = _log(run_dir)
+    assert f"tiny_moe-{job_id}.out" in [p.name for p in (run_dir / "logs").iterdir()]
+    assert re.search(r"on n\[\d-\d\]: run .*, master 127\.0\.0\.1:\d+", log), log
+    assert "world 2, CPU" in log and "layout tp1-pp1-ep2" in log
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+
+def test_dry_run_renders_the_gpu_script_and_the_cpu_one_passes_sbatch_test_only(
+        slurm_cluster, moe_lab_on, tmp_path):
+    gpu = run_cli(["submit", TINY_MOE, "--nodes", "2", "--gpus-per-node", "8", "--time",
+                   "04:00:00", "--partition", "gpu", "--account", "proj", "--dry-run",
+                   "--run-dir", str(tmp_path / "gpu"), "parallel.ep=8",
+                   "training.global_batch_size=64"], cwd=tmp_path)
+    assert gpu.returncode == 0, gpu.stderr
+    script = gpu.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 f"#SBATCH --output={tmp_path}/gpu/logs/%x-%j.out", "srun --kill-on-bad-exit=1",
+                 'scontrol requeue "$SLURM_JOB_ID"', "export MASTER_ADDR", "parallel.ep=8"):
+        assert line in script, line
+    assert "--container-image" not in script and "--array" not in script and "{{" not in script
+    assert not (tmp_path / "gpu").exists()  # a dry run writes nothing
+
+    container = run_cli(["submit", TINY_MOE, "--gpus-per-node", "8", "--time", "1:00:00",
+                         "--container", "nvcr.io#nvidia/pytorch:25.04-py3", "--dry-run",
+                         "training.global_batch_size=64"], cwd=tmp_path)
+    assert container.returncode == 0, container.stderr
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.04-py3" in container.stdout
+    assert f"--container-mounts={tmp_path}:{tmp_path}" in container.stdout
+
+    cpu = moe_lab_on(["submit", TINY_MOE, "--nodes", "2", *CPU_JOB, "--dry-run", "--run-dir",
+                      tmp_path / "cpu", "parallel.ep=2"], cwd=tmp_path)
+    assert cpu.returncode == 0, cpu.stderr
+    assert "--gpus-per-node" not in cpu.stdout
+    script_path = tmp_path / "cpu.sbatch"
+    script_path.write_text(cpu.stdout)
+    (tmp_path / "cpu" / "logs").mkdir(parents=True)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script_path)], capture_output=True,
+                               text=True, env=slurm_cluster.client_env())
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+
+
+def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_loss(
+        slurm_cluster, moe_lab_on, tmp_path):
+    steps = ["training.max_steps=30", *FAST]
+    straight = run_cli(["train", TINY_MOE, "--run-dir", str(tmp_path / "straight"), *steps])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "preempted"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "moe_lab", "submit", TINY_MOE, *CPU_JOB, "--run-dir", str(run_dir),
+         "--wait", *steps], cwd=tmp_path, env=slurm_cluster.client_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(run_dir, 2, timeout=300)
+        job_id = (run_dir / "slurm_job_id").read_text().strip()
+        # What --signal=B:USR1@N does before the time limit: USR1 to the batch shell only.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True,
+                       env=slurm_cluster.client_env())
+        output, _ = submit.communicate(timeout=400)
+    finally:
+        submit.kill()
+    log = _log(run_dir)
+    assert submit.returncode == 0, output + log
+    job = slurm_cluster.job(job_id)
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job
+    assert "batch script got USR1" in log and f"requeued job {job_id}" in log
+    stopped_at = int(log.split("stopped at step ")[1].split("/")[0])
+    assert 2 <= stopped_at < 30, log  # the signal arrived mid-training
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:07d} at step {stopped_at}" in log
+    resumed, reference = (read_metrics(d / "metrics.jsonl") for d in (run_dir, tmp_path / "straight"))
+    assert [r["step"] for r in resumed] == list(range(1, 31))  # each step once, none lost
+    assert resumed[-1]["loss"] == reference[-1]["loss"]
+
+
+def _wait_for_step(run_dir, step: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} did not reach step {step} in {timeout} s")
