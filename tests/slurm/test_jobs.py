@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from moe_lab.testing import run_cli
 from moe_lab.tracking import read_metrics
 
@@ -17,6 +19,7 @@ from ..conftest import TINY_MOE
 
 CPU_JOB = ["--gpus-per-node", "0", "--time", "00:20:00"]
 FAST = ["optimizer.warmup_steps=0", "training.log_interval=1", "tracking.enabled=false"]
+PREEMPTED_STEPS = ["training.max_steps=30", *FAST]
 
 
 def _log(run_dir) -> str:
@@ -57,13 +60,6 @@ def test_dry_run_renders_the_gpu_script_and_the_cpu_one_passes_sbatch_test_only(
     assert "--container-image" not in script and "--array" not in script and "{{" not in script
     assert not (tmp_path / "gpu").exists()  # a dry run writes nothing
 
-    container = run_cli(["submit", TINY_MOE, "--gpus-per-node", "8", "--time", "1:00:00",
-                         "--container", "nvcr.io#nvidia/pytorch:25.04-py3", "--dry-run",
-                         "training.global_batch_size=64"], cwd=tmp_path)
-    assert container.returncode == 0, container.stderr
-    assert "--container-image=nvcr.io#nvidia/pytorch:25.04-py3" in container.stdout
-    assert f"--container-mounts={tmp_path}:{tmp_path}" in container.stdout
-
     cpu = moe_lab_on(["submit", TINY_MOE, "--nodes", "2", *CPU_JOB, "--dry-run", "--run-dir",
                       tmp_path / "cpu", "parallel.ep=2"], cwd=tmp_path)
     assert cpu.returncode == 0, cpu.stderr
@@ -76,23 +72,33 @@ def test_dry_run_renders_the_gpu_script_and_the_cpu_one_passes_sbatch_test_only(
     assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
 
 
-def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_loss(
-        slurm_cluster, moe_lab_on, tmp_path):
-    steps = ["training.max_steps=30", *FAST]
-    straight = run_cli(["train", TINY_MOE, "--run-dir", str(tmp_path / "straight"), *steps])
-    assert straight.returncode == 0, straight.stderr[-2000:]
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference for the preemption tests."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli(["train", TINY_MOE, "--run-dir", str(run_dir), *PREEMPTED_STEPS])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return read_metrics(run_dir / "metrics.jsonl")
 
+
+@pytest.mark.parametrize("preempt", [
+    # What --signal=B:USR1@N does before the time limit: USR1 to the batch shell only, which
+    # passes it on; training saves and exits 75, and the script requeues the job.
+    ["scancel", "--batch", "--signal=USR1"],
+    # Preemption or an operator's requeue: Slurm sends TERM to every process and requeues.
+    ["scontrol", "requeue"],
+], ids=["usr1-before-time-limit", "scontrol-requeue"])
+def test_preempted_job_resumes_and_ends_with_the_uninterrupted_loss(
+        preempt, straight_run, slurm_cluster, tmp_path):
     run_dir = tmp_path / "preempted"
     submit = subprocess.Popen(
         [sys.executable, "-m", "moe_lab", "submit", TINY_MOE, *CPU_JOB, "--run-dir", str(run_dir),
-         "--wait", *steps], cwd=tmp_path, env=slurm_cluster.client_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+         "--wait", *PREEMPTED_STEPS], cwd=tmp_path, env=slurm_cluster.client_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(run_dir, 2, timeout=300)
         job_id = (run_dir / "slurm_job_id").read_text().strip()
-        # What --signal=B:USR1@N does before the time limit: USR1 to the batch shell only.
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True,
-                       env=slurm_cluster.client_env())
+        subprocess.run([*preempt, job_id], check=True, env=slurm_cluster.client_env())
         output, _ = submit.communicate(timeout=400)
     finally:
         submit.kill()
@@ -100,13 +106,14 @@ def test_preempted_job_requeues_itself_and_ends_with_the_uninterrupted_loss(
     assert submit.returncode == 0, output + log
     job = slurm_cluster.job(job_id)
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job
-    assert "batch script got USR1" in log and f"requeued job {job_id}" in log
     stopped_at = int(log.split("stopped at step ")[1].split("/")[0])
     assert 2 <= stopped_at < 30, log  # the signal arrived mid-training
     assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:07d} at step {stopped_at}" in log
-    resumed, reference = (read_metrics(d / "metrics.jsonl") for d in (run_dir, tmp_path / "straight"))
+    if preempt[0] == "scancel":
+        assert "batch script got USR1" in log and f"requeued job {job_id}" in log
+    resumed = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 31))  # each step once, none lost
-    assert resumed[-1]["loss"] == reference[-1]["loss"]
+    assert resumed[-1]["loss"] == straight_run[-1]["loss"]
 
 
 def _wait_for_step(run_dir, step: int, timeout: float) -> None:
