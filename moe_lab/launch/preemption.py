@@ -38,11 +38,12 @@ class PreemptionWatch:
         # thread holds the lock in arm_watchdog().
         self._lock = threading.RLock()
         self._wakeup_sockets: tuple = ()
+        self._rank = 0
 
     def should_stop(self) -> bool:
         """True on every rank once any rank has received a signal. Called by all ranks together."""
         if not self.stopping:
-            self.stopping = _any_rank(self.received is not None)
+            self.stopping, self._rank = _any_rank(self.received is not None)
             if self.stopping:
                 self.arm_watchdog()
                 # From here on a signal must not kill the process: under `srun
@@ -55,8 +56,10 @@ class PreemptionWatch:
     def exit_code(self, step: int, max_steps: int) -> int:
         """EXIT_PREEMPTED when a signal stopped training before max_steps, else 0."""
         if self.stopping and step < max_steps:
-            print(f"stopped at step {step}/{max_steps} after a signal, checkpoint saved: exit "
-                  f"{EXIT_PREEMPTED} (the sbatch script requeues the job)", flush=True)
+            if self._rank == 0:
+                print(f"stopped at step {step}/{max_steps} after a signal, checkpoint saved: "
+                      f"exit {EXIT_PREEMPTED} (under Slurm the job requeues itself; elsewhere "
+                      f"run the same command to resume)", flush=True)
             return EXIT_PREEMPTED
         return 0
 
@@ -110,16 +113,17 @@ def _wake_on_signal(reader: socket.socket, watch: PreemptionWatch) -> None:
                 watch.notice(signum)
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool) -> tuple[bool, int]:
+    """(flag on any rank, this rank): one tiny all-reduce, called by all ranks together."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
+        return flag, 0
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(value.item()), dist.get_rank()
 
 
 def _force_exit(timeout: float) -> None:

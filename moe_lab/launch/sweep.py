@@ -89,8 +89,11 @@ def run_local(runs: list[MemberRun], max_parallel: int) -> int:
                     print(f"  skip      {run.label}: another `moe-lab sweep` is training it")
                     continue
                 log = open(run.run_dir / "train.log", "a")
+                # Own session: Ctrl-C reaches only this process, which asks the members to
+                # save (SIGTERM) instead of letting KeyboardInterrupt kill them mid-step.
                 proc = subprocess.Popen([sys.executable, "-m", "moe_lab", "train",
-                                         *run.train_args], stdout=log, stderr=subprocess.STDOUT)
+                                         *run.train_args], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
                 active[proc] = (run, time.monotonic(), (lock, log))
                 print(f"  started   {run.label}  (log {run.run_dir / 'train.log'})", flush=True)
             for proc in [p for p in active if p.poll() is not None]:
