@@ -60,3 +60,16 @@ def test_container_flags_appear_only_when_a_container_is_asked_for(tmp_path):
     assert "--container-image=nvcr.io#nvidia/pytorch:25.04-py3" in srun
     assert f"--container-mounts={tmp_path}:{tmp_path}" in srun
     assert f"--container-workdir={tmp_path}" in srun and "  python -m moe_lab train" in srun
+
+
+def test_submit_and_sweep_options_are_frozen():
+    from moe_lab.launch.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    options = {name: {o for a in commands[name]._actions for o in a.option_strings}
+               for name in ("submit", "sweep")}
+    resources = {"--nodes", "--gpus-per-node", "--time", "--partition", "--account",
+                 "--container", "--signal-seconds", "--template"}
+    assert resources | {"--run-dir", "--dry-run", "--wait"} <= options["submit"]
+    assert resources | {"--launcher", "--max-parallel", "--dry-run", "--sweep-dir"} <= \
+        options["sweep"]

@@ -68,7 +68,8 @@ def run(args) -> int:
     for member in spec.members:
         print(f"  {states[member.id]:<9} {member.dir_name}")
     if not todo:
-        _finish_parent_if_done(spec, sweep_dir, store, states)
+        if not args.dry_run:
+            _finish_parent_if_done(spec, sweep_dir, store, states)
         return 0
 
     parent_run_id = _parent_run(spec, sweep_dir, store, dry_run=args.dry_run)
