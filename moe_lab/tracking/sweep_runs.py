@@ -82,10 +82,14 @@ def is_finished(run_dir: Path, max_steps: int, store: Store | None) -> bool:
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    from moe_lab.train.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(Path(run_dir))
-    return int(latest.name.rpartition("_")[2]) if latest else 0
+    """The step of RUN_DIR/checkpoints/latest (the run-directory contract in interfaces.md);
+    0 without one. Read directly: judging a sweep should not need torch."""
+    marker = Path(run_dir) / "checkpoints" / "latest"
+    name = marker.read_text().strip() if marker.is_file() else ""
+    digits = name.rpartition("_")[2]
+    if not (digits.isdigit() and (marker.parent / name).is_dir()):
+        return 0
+    return int(digits)
 
 
 def _mlflow_finished(uri: str, run_id: str, max_steps: int) -> bool:
