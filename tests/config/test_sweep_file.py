@@ -51,6 +51,7 @@ def test_override_args_read_back_to_the_same_values():
 
 @pytest.mark.parametrize("sweep, message", [
     ({"grid": {"optimizer.lr": []}}, "sweep.grid.optimizer.lr: needs a non-empty list"),
+    ({"grid": {}}, "sweep: has no members"),
     ({"gird": {"optimizer.lr": [1]}}, "sweep.gird: unknown key"),
     ({"members": [{"moe.topk": 1}]}, "sweep.members[0]: needs a name"),
     ({"members": [{"name": "a", "moe.topk": 9}]}, "member a: moe.topk: 9 exceeds num_experts 8"),

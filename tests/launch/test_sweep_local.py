@@ -1,11 +1,13 @@
 """`moe-lab sweep --launcher local`: members as local processes under an MLflow parent run;
-running it again skips what has finished.
+members' routers and layouts are checked before anything starts. (Re-runs skipping finished
+members: tests/slurm/test_sweep_array.py, the same code for both launchers.)
 
 Run: pytest tests/launch/test_sweep_local.py
 """
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from moe_lab.testing import run_cli
@@ -13,7 +15,7 @@ from moe_lab.testing import run_cli
 from ..conftest import TINY_MOE
 
 
-def test_local_sweep_runs_members_in_parallel_and_a_rerun_skips_them(tmp_path):
+def test_local_sweep_runs_members_in_parallel_under_a_finished_parent_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
     sweep_file = tmp_path / "lr.yaml"
@@ -41,7 +43,20 @@ def test_local_sweep_runs_members_in_parallel_and_a_rerun_skips_them(tmp_path):
     parent = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(parent_id)
     assert (parent.info.status, parent.data.tags["sweep_role"]) == ("FINISHED", "parent")
 
-    again = run_cli(["sweep", str(sweep_file)], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert "2 members, 2 finished, 0 queued or running, 0 to run" in again.stdout
-    assert "started" not in again.stdout
+
+def test_members_with_an_unknown_router_or_a_layout_that_does_not_fit_are_refused(tmp_path):
+    from moe_lab.config import ConfigError
+    from moe_lab.config.sweep import load_sweep
+    from moe_lab.launch.sweep import check_members
+
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"sweep": {"name": "s", "base": TINY_MOE, "members": [
+        {"name": "ok", "moe.topk": 1}, {"name": "typo", "moe.router": {"name": "top_k"}}]}}))
+    with pytest.raises(ConfigError, match=r"s.yaml: member typo: moe.router.name: unknown "
+                                          r"router 'top_k'"):
+        check_members(load_sweep(sweep_file), world_size=1)
+    sweep_file.write_text(yaml.safe_dump({"sweep": {"name": "s", "base": TINY_MOE,
+                                                    "grid": {"parallel.ep": [1, 4]}}}))
+    with pytest.raises(ConfigError, match=r"member ep=4: parallel.ep: ep\*etp\*pp = 4\*1\*1 "
+                                          r"does not divide the world size 2"):
+        check_members(load_sweep(sweep_file), world_size=2)

@@ -74,6 +74,16 @@ def test_dry_run_renders_the_gpu_script_and_the_cpu_one_passes_sbatch_test_only(
     assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
 
 
+def test_submit_refuses_a_layout_that_does_not_fit_the_job_before_submitting(
+        slurm_cluster, moe_lab_on, tmp_path):
+    result = moe_lab_on(["submit", TINY_MOE, "--nodes", "3", *CPU_JOB, "--run-dir",
+                         tmp_path / "run", "parallel.ep=2"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("moe-lab: error: parallel.ep: ep*etp*pp = 2*1*1 does not "
+                                     "divide the world size 3")
+    assert not (tmp_path / "run").exists() and slurm_cluster.squeue() == []
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """The uninterrupted reference for the preemption tests."""
