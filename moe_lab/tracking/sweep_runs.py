@@ -4,7 +4,7 @@
 starts; each member then logs into a child run (tracking.parent_run_id, set by `moe-lab sweep`).
 A member is finished when its MLflow run (RUN_DIR/mlflow_run_id) is FINISHED and has logged
 `loss` at training.max_steps; without MLflow (tracking off, no run id yet, store unreachable) when
-its latest checkpoint is at max_steps.
+its latest checkpoint (RUN_DIR/checkpoints/latest) is at max_steps.
 """
 
 from __future__ import annotations
@@ -65,20 +65,28 @@ def ensure_parent_run(store: Store, sweep_id: str, sweep_name: str, description:
 
 
 def finish_parent_run(store: Store, run_id: str) -> None:
-    """Mark the parent FINISHED (all members are); a later re-run may reopen nothing."""
+    """Mark the sweep's parent run FINISHED (called once every member has finished)."""
     _client(store.uri).set_terminated(run_id, "FINISHED")
 
 
-def is_finished(run_dir: Path, max_steps: int, store: Store | None) -> bool:
-    """Has the member in run_dir reached max_steps? MLflow first, the checkpoint as fallback."""
-    run_id_file = Path(run_dir) / "mlflow_run_id"
-    if store is not None and run_id_file.is_file():
-        try:
-            return _mlflow_finished(store.uri, run_id_file.read_text().strip(), max_steps)
-        except Exception as err:  # noqa: BLE001 - any MLflow failure: judge by the checkpoint
-            print(f"MLflow unreachable for {run_dir} ({type(err).__name__}); judging it by its "
-                  f"checkpoint", flush=True)
-    return checkpoint_step(run_dir) >= max_steps
+def finished(members: list[tuple[Path, int, bool]], store: Store | None) -> list[bool]:
+    """For each (run_dir, max_steps, tracked): has the member reached max_steps? Judged by its
+    MLflow run when tracked and recorded in RUN_DIR/mlflow_run_id, else by its checkpoint; after
+    one failed MLflow request, by checkpoints only (a dead server is asked once, not per member)."""
+    results = []
+    for run_dir, max_steps, tracked in members:
+        run_id_file = Path(run_dir) / "mlflow_run_id"
+        if store is not None and tracked and run_id_file.is_file():
+            try:
+                results.append(_mlflow_finished(store.uri, run_id_file.read_text().strip(),
+                                                max_steps))
+                continue
+            except Exception as err:  # noqa: BLE001 - any MLflow failure: use the checkpoints
+                print(f"MLflow at {store.uri} did not answer ({type(err).__name__}): judging "
+                      f"members by their checkpoints", flush=True)
+                store = None
+        results.append(checkpoint_step(run_dir) >= max_steps)
+    return results
 
 
 def checkpoint_step(run_dir: Path) -> int:

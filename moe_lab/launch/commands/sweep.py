@@ -129,15 +129,15 @@ def _member_states(spec, sweep_dir: Path, store) -> dict[str, str]:
 
     jobs = {m.id: sweeps.slurm_job_of(sweep_dir / m.dir_name) for m in spec.members}
     active = sbatch.active_jobs([j for j in jobs.values() if j])
+    done = sweep_runs.finished([(sweep_dir / m.dir_name, m.config.training.max_steps,
+                                 m.config.tracking.enabled) for m in spec.members], store)
     states = {}
-    for member in spec.members:
-        run_dir = sweep_dir / member.dir_name
-        tracked = store if member.config.tracking.enabled else None
-        if sweep_runs.is_finished(run_dir, member.config.training.max_steps, tracked):
+    for member, finished in zip(spec.members, done):
+        if finished:
             states[member.id] = "finished"
         elif jobs[member.id] in active:
             states[member.id] = "queued"
-        elif sweeps.locked_elsewhere(run_dir):
+        elif sweeps.locked_elsewhere(sweep_dir / member.dir_name):
             states[member.id] = "running"
         else:
             states[member.id] = "to run"
