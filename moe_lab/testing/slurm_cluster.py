@@ -79,41 +79,29 @@ class LocalSlurmCluster:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self.squeue():
             time.sleep(0.3)
-        for pid_file in [*(self.root / f"slurmd-{n}.pid" for n in self.nodes),
-                         self.root / "slurmctld.pid"]:
-            _kill_by_pid_file(pid_file)
+        _stop_by_pid_files([*(self.root / f"slurmd-{n}.pid" for n in self.nodes),
+                            self.root / "slurmctld.pid"])
 
     # -- queries ---------------------------------------------------------------------------
-    def scontrol(self, *args: str) -> str:
-        return subprocess.run(["scontrol", *args], env=self._env(), capture_output=True,
-                              text=True, timeout=30, check=True).stdout
-
     def squeue(self) -> list[str]:
         """Job ids still known as pending or running."""
         result = subprocess.run(["squeue", "-h", "-o", "%i", "-t", "PD,R,CG,S,CF,RQ,RS,SE"],
                                 env=self._env(), capture_output=True, text=True, timeout=30)
         return result.stdout.split() if result.returncode == 0 else []
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job -o` as a dict (JobState, ExitCode, Restarts, ...)."""
-        fields = {}
-        for token in self.scontrol("show", "job", "-o", str(job_id)).split():
-            key, _, value = token.partition("=")
-            fields.setdefault(key, value)
-        return fields
-
-    def wait_job(self, job_id: str, timeout: float = 120, states=("COMPLETED", "FAILED",
-                 "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> dict[str, str]:
-        """Poll until the job reaches one of `states`; return its fields."""
-        deadline = time.monotonic() + timeout
-        while True:
-            fields = self.job(job_id)
-            if fields.get("JobState") in states:
-                return fields
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after "
-                                   f"{timeout:.0f} s; logs in {self.root / 'logs'}")
-            time.sleep(0.3)
+    def job_records(self, job_id: str) -> list[dict[str, str]]:
+        """The jobcomp records of a job (`ID` or array task `ARRAYID_TASK`), oldest first: one
+        per end, so a requeued job has a PENDING record before its final one. Unlike `scontrol
+        show job`, they outlive MinJobAge."""
+        array_id, _, task = str(job_id).partition("_")
+        records = []
+        text = self.jobcomp.read_text() if self.jobcomp.exists() else ""
+        for line in text.splitlines():
+            fields = dict(token.partition("=")[::2] for token in line.split())
+            if (fields.get("ArrayJobId"), fields.get("ArrayTaskId")) == (array_id, task) or \
+                    (not task and fields.get("JobId") == array_id):
+                records.append(fields)
+        return records
 
     def log_tail(self, chars: int = 3000) -> str:
         parts = []
@@ -183,30 +171,39 @@ JobCompType=jobcomp/filetxt
 JobCompLoc={self.jobcomp}
 ReturnToService=2
 SlurmdParameters=config_overrides
-MinJobAge=600
+# `sbatch --wait` polls after 2 s, then every 8 s while 8 >= MinJobAge/2 (every 32 s with the
+# default 300); ended jobs stay visible to `scontrol show job` for at least MinJobAge s.
+MinJobAge=10
 KillWait=10
 {nodes}
 PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _kill_by_pid_file(pid_file: Path, timeout: float = 10) -> None:
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _stop_by_pid_files(pid_files: list[Path], timeout: float = 15) -> None:
+    """SIGTERM every daemon named in pid_files, wait for all, SIGKILL what is left."""
+    pids = []
+    for pid_file in pid_files:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (OSError, ValueError):
+            continue  # no pid file, or the daemon is gone already
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, 0)
+        return True
     except ProcessLookupError:
-        pass
+        return False

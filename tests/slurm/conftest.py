@@ -9,6 +9,15 @@ import pytest
 from moe_lab.testing import run_cli
 from moe_lab.testing.slurm_cluster import LocalSlurmCluster, slurm_available
 
+# A CPU job with a time limit far from its USR1 (which comes --signal-seconds=300 before it).
+CPU_JOB = ["--gpus-per-node", "0", "--time", "00:20:00"]
+FAST = ["optimizer.warmup_steps=0", "training.log_interval=1", "tracking.enabled=false"]
+
+
+def job_log(run_dir) -> str:
+    """Every Slurm log of a run directory (a requeued job appends to its own)."""
+    return "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):

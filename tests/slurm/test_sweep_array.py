@@ -57,7 +57,7 @@ def test_sweep_runs_as_one_throttled_job_array_with_an_mlflow_parent(finished_sw
     assert len(members) == 4
     (array_id,) = {(m / "slurm_job_id").read_text().strip().split("_")[0] for m in members}
     for task in range(4):  # one array job, a task per member
-        job = slurm_cluster.job(f"{array_id}_{task}")
+        (job,) = slurm_cluster.job_records(f"{array_id}_{task}")
         assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0")
     assert len(list((sweep_dir / "logs").glob("routers-*_*.out"))) == 4
 
