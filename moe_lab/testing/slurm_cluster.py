@@ -171,8 +171,9 @@ JobCompType=jobcomp/filetxt
 JobCompLoc={self.jobcomp}
 ReturnToService=2
 SlurmdParameters=config_overrides
-# `sbatch --wait` polls after 2 s, then every 8 s while 8 >= MinJobAge/2 (every 32 s with the
-# default 300); ended jobs stay visible to `scontrol show job` for at least MinJobAge s.
+# `sbatch --wait` polls after 2 s, then backs off by x4 while below MinJobAge/2 and 32 s: here
+# every 8 s (with the default 300: 32 s). Ended jobs leave `scontrol show job` after MinJobAge s
+# (the tests read the jobcomp file instead).
 MinJobAge=10
 KillWait=10
 {nodes}
