@@ -15,6 +15,7 @@ import yaml
 from moe_lab import config as config_lib
 from moe_lab.config import ConfigError, ExperimentConfig
 from moe_lab.data import check_data
+from moe_lab.launch import preemption
 from moe_lab.launch.cli import UserError
 from moe_lab.launch.distributed import check_layout, detect_env, init_distributed, shutdown_distributed
 from moe_lab.launch.upcycle import upcycle_before_training
@@ -25,6 +26,7 @@ _FIXED_ON_RESUME = ("model", "moe")
 
 def run_train(config_path: str, overrides: list[str], run_dir: str | None,
               stop_at_step: int | None) -> int:
+    watch = preemption.install()  # SIGUSR1/SIGTERM: save after the current step, exit 75
     cfg = config_lib.load(config_path, overrides)
     run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
     env = detect_env()
@@ -57,7 +59,8 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
         from moe_lab.train.guard import NonFiniteError
 
         try:
-            train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step, fault=fault)
+            state = train(cfg, run_dir, sinks, use_gpu=use_gpu, stop_at_step=stop_at_step,
+                          fault=fault, stop_requested=watch.should_stop)
         except NonFiniteError as err:
             close_sinks(sinks, err)
             print(f"moe-lab: stopped: {err}; the last good state is the newest checkpoint",
@@ -69,7 +72,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None,
         close_sinks(sinks)
     finally:
         shutdown_distributed()
-    return 0
+    return watch.exit_code(state.step, cfg.training.max_steps)
 
 
 def _check_router(cfg: ExperimentConfig) -> None:

@@ -27,9 +27,12 @@ from moe_lab.train.step import Trainer
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
-          stop_at_step: int | None = None, fault: Fault | None = None) -> TrainState:
+          stop_at_step: int | None = None, fault: Fault | None = None,
+          stop_requested=None) -> TrainState:
     """Train until training.max_steps (or stop_at_step, saving there). Returns the final state.
-    `fault` is for tests only (train/faults.py)."""
+
+    stop_requested: called by every rank after each step; True saves and returns early
+    (preemption, see launch/preemption.py). `fault` is for tests only (train/faults.py)."""
     t = cfg.training
     torch.manual_seed(t.seed)
     if use_gpu:
@@ -85,10 +88,13 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
                 sink.log(state.step, metrics)
             _log_expert_load(sinks, state.step, trainer.expert_load)
         log_validation(cfg, model, data, state.step, sinks)
-        due = (interval and state.step % interval == 0) or state.step == last
+        stop = stop_requested is not None and stop_requested()
+        due = (interval and state.step % interval == 0) or state.step == last or stop
         if cfg.checkpoint.enabled and due:
             checkpointer.save(state)
         checkpointer.poll()
+        if stop:
+            break
     checkpointer.close()
     return state
 

@@ -5,5 +5,5 @@ function taking the parsed args and returning an exit code. Adding a command is 
 here and its name to COMMANDS.
 """
 
-COMMANDS = ["train", "config_show", "data", "eval", "upcycle", "convert", "bench", "ui", "compare",
-            "tracking"]
+COMMANDS = ["train", "config_show", "data", "eval", "upcycle", "convert", "bench", "submit",
+            "sweep", "ui", "compare", "tracking"]
