@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from moe_lab.data import SyntheticTokens
-from moe_lab.model import build_model, build_transformer_config
-from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_lab.train.loop import build_training
 from moe_lab.train.step import Trainer
 
 
@@ -25,19 +22,7 @@ def variant_config(cfg, variant: str):
 
 def build_step(cfg, variant: str, device):
     cfg = variant_config(cfg, variant)
-    cuda = device.type == "cuda"
-    torch.manual_seed(cfg.training.seed)
-    if cuda:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(cfg.training.seed)
-    config = build_transformer_config(cfg, use_cpu_initialization=not cuda)
-    model = build_model(cfg, config)
-    if cuda:
-        model.cuda()
-    model = wrap_ddp(cfg, config, model)
-    optimizer = build_optimizer(cfg, config, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    config, model, optimizer, scheduler = build_training(cfg, use_gpu=device.type == "cuda")
     data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
     batch = data.batch(list(range(cfg.training.micro_batch_size)))
     trainer = Trainer(cfg, config, model, optimizer, scheduler, data)

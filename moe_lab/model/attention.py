@@ -8,7 +8,6 @@ query [s, b, heads, d] and key/value [s, b, kv_heads, d]; returns [s, b, heads *
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 

@@ -34,18 +34,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     stop_requested: called by every rank after each step; True saves and returns early
     (preemption, see launch/preemption.py). `fault` is for tests only (train/faults.py)."""
     t = cfg.training
-    torch.manual_seed(t.seed)
-    if use_gpu:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(t.seed)
-    config = build_transformer_config(cfg, use_cpu_initialization=not use_gpu)
-    model = build_model(cfg, config)
-    if use_gpu:
-        model.cuda()
-    model = wrap_ddp(cfg, config, model)
-    optimizer = build_optimizer(cfg, config, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    config, model, optimizer, scheduler = build_training(cfg, use_gpu)
     faults = FaultInjector(fault, config)
 
     state = _restore(cfg, run_dir, model, optimizer, scheduler)
@@ -97,6 +86,22 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             break
     checkpointer.close()
     return state
+
+
+def build_training(cfg: ExperimentConfig, use_gpu: bool):
+    """Seeded build chain: TransformerConfig -> GPTModel -> DDP -> optimizer -> LR schedule."""
+    torch.manual_seed(cfg.training.seed)
+    if use_gpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(cfg.training.seed)
+    config = build_transformer_config(cfg, use_cpu_initialization=not use_gpu)
+    model = build_model(cfg, config)
+    if use_gpu:
+        model.cuda()
+    model = wrap_ddp(cfg, config, model)
+    optimizer = build_optimizer(cfg, config, model)
+    return config, model, optimizer, build_scheduler(cfg, optimizer)
 
 
 def _log_expert_load(sinks, step: int, load) -> None:

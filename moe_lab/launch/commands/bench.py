@@ -70,13 +70,13 @@ def run(args) -> int:
         for variant in variants:
             module = hf if variant in hf.VARIANTS else mcore
             try:
-                step, keep = module.build_step(cfg, variant, device)
+                step, parts = module.build_step(cfg, variant, device)
                 timing = measure(step, warmup=args.warmup, steps=args.steps)
                 rows.append(make_row(variant, timing, tokens, flops, args.peak_tflops))
             except Exception as err:  # one failing variant must not hide the others' numbers
                 rows.append(BenchRow(variant, 0, 0, 0, None, error=str(err).splitlines()[0][:120]))
             finally:
-                step = keep = None
+                step = parts = None  # free this model before building the next
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
