@@ -52,8 +52,12 @@ class JobResources:
     def __post_init__(self):
         if self.nodes < 1:
             raise UserError(f"--nodes: must be >= 1, got {self.nodes}")
-        if self.gpus_per_node < 0:
-            raise UserError(f"--gpus-per-node: must be >= 0, got {self.gpus_per_node}")
+        for flag, value, least in (("--gpus-per-node", self.gpus_per_node, 0),
+                                   ("--tasks-per-node", self.tasks_per_node, 1),
+                                   ("--cpus-per-task", self.cpus_per_task, 1),
+                                   ("--max-requeues", self.max_requeues, 0)):
+            if value is not None and value < least:
+                raise UserError(f"{flag}: must be >= {least}, got {value}")
         limit = time_limit_seconds(self.time)
         if not 0 < self.signal_seconds < limit:
             raise UserError(f"--signal-seconds: {self.signal_seconds} must be between 0 and the "
