@@ -15,7 +15,8 @@ from ..conftest import TINY_MOE
 
 STEPS = 12
 RUN = [f"training.max_steps={STEPS}", "training.log_interval=1", "optimizer.warmup_steps=2",
-       "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.keep_every=4"]
+       "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.keep_every=4",
+       "tracking.enabled=false"]  # the manifest test plants its own mlflow_run_id
 MLFLOW_RUN_ID = "0123456789abcdef"
 
 
