@@ -78,10 +78,11 @@ def weights_source(path: Path) -> Path:
         return path
     if (path / "metadata.json").is_file():
         return path
-    resume = find_resumable(path, None)
-    if resume.path is None:
+    found = latest_checkpoint(path)
+    if found is None:
+        find_resumable(path, None)  # raises, with the reasons, when checkpoints exist but fail
         raise FileNotFoundError(f"checkpoint.init_from: no checkpoint in {path}")
-    return resume.path
+    return found
 
 
 def preflight(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -94,11 +95,18 @@ def preflight(run_dir: Path, cfg: ExperimentConfig) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest whole checkpoint of a run directory (verified against its manifest, model
-    not checked), or None. For readers outside `train` (eval, convert, upcycle)."""
+    not checked), or None. For readers outside `train` (eval, convert, upcycle). Checkpoints
+    written without a manifest (Hugging Face imports) are read as they are, as
+    checkpoint.init_from reads them; a checkpoint whose manifest fails never is."""
     try:
-        return find_resumable(run_dir, None).path
+        path = find_resumable(run_dir, None).path
     except NoUsableCheckpoint:
-        return None
+        path = None
+    if path is None:
+        plain = [p for p in checkpoints(run_dir).values()
+                 if not (p / manifest_lib.MANIFEST).exists() and (p / "metadata.json").is_file()]
+        path = plain[-1] if plain else None
+    return path
 
 
 def broadcast_resume(run_dir: Path, cfg: ExperimentConfig) -> Resume:
