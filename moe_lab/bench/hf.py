@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.profiler import record_function
 
 VARIANTS = {
     "hf_eager": ("eager", torch.bfloat16, False),
@@ -57,11 +58,14 @@ def build_step(cfg, variant: str, device):
            else contextlib.nullcontext())
 
     def step():
-        with amp:
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("phase:forward_backward"):
+            with amp:
+                loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+        with record_function("phase:optimizer"):
+            optimizer.step()
+        with record_function("phase:zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
 
     return step, (model, optimizer)
 

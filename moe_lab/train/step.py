@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
+from torch.profiler import record_function
 
 from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
 from moe_lab.train.guard import check_before_update
@@ -57,24 +58,28 @@ class Trainer:
     def step(self, step: int, batches: list[dict]) -> dict[str, float]:
         """Train on this rank's micro-batches of global step `step` (0-based)."""
         t = self.cfg.training
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        outputs = self.forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=iter(batches),
-            model=[self.model],
-            num_microbatches=len(batches),
-            seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
+        # phase:* ranges name the step's parts in a profile (moe-lab bench --profile).
+        with record_function("phase:zero_grad"):
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        with record_function("phase:forward_backward"):
+            outputs = self.forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=iter(batches),
+                model=[self.model],
+                num_microbatches=len(batches),
+                seq_length=t.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=False,
+            )
         metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
         skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
-        _, grad_norm, _ = self.optimizer.step()
+        with record_function("phase:optimizer"):
+            _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]

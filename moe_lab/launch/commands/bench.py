@@ -33,12 +33,19 @@ def register(subparsers) -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="per-GPU peak for MFU (989 = H100/H200 dense bf16)")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile 2 more steps of each variant (torch.profiler) and "
+                             "write DIR/<variant>.md and .json: top CUDA kernels, GPU time per "
+                             "class (expert GEMM, attention, optimizer, dispatch, ...), host "
+                             "time blocked in CUDA syncs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="further config overrides, e.g. moe.topk=8")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    import dataclasses
+
     import torch
 
     from moe_lab import config as config_lib
@@ -46,33 +53,49 @@ def run(args) -> int:
     from moe_lab.bench.report import BenchRow, make_row, render, to_json
     from moe_lab.bench.timing import measure
     from moe_lab.launch.cli import UserError
-    from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
+    from moe_lab.launch.distributed import (check_layout, detect_env, init_distributed,
+                                            shutdown_distributed)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in hf.VARIANTS and not mcore.is_variant(v):
             raise UserError(f"--variants: unknown variant {v!r}")
+    # Under torchrun every rank runs the moe-lab variants in the given layout (e.g.
+    # parallel.ep=2), one micro-batch per data-parallel rank; transformers runs on one GPU only.
+    env = detect_env()
+    if env.world_size > 1 and any(v in hf.VARIANTS for v in variants):
+        raise UserError("--variants: transformers baselines run in a world of one process; "
+                        "under torchrun bench mcore_* variants only")
     cfg = config_lib.load(args.preset, [
         f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
         f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
         "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides])
+    dp = cfg.parallel.data_parallel_size(env.world_size)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+        cfg.training, global_batch_size=args.mbs * dp))
+    check_layout(cfg, env.world_size)
     cuda = torch.cuda.is_available()
     if not cuda:
         from moe_lab.compat import enable_cpu_compat
 
         enable_cpu_compat()
-    device = torch.device("cuda" if cuda else "cpu")
-    init_distributed(cfg, detect_env({}), use_gpu=cuda)
+    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    init_distributed(cfg, env, use_gpu=cuda)
+    lead = env.rank == 0
     flops = config_lib.derive(cfg).flops_per_token
-    tokens = args.mbs * args.seq
+    tokens = args.mbs * args.seq * dp  # per step, all ranks
+    peak = args.peak_tflops * env.world_size
     rows = []
     try:
         for variant in variants:
             module = hf if variant in hf.VARIANTS else mcore
+            step = parts = None
             try:
                 step, parts = module.build_step(cfg, variant, device)
                 timing = measure(step, warmup=args.warmup, steps=args.steps)
-                rows.append(make_row(variant, timing, tokens, flops, args.peak_tflops))
+                rows.append(make_row(variant, timing, tokens, flops, peak))
+                if args.profile:
+                    _profile(args.profile, variant, step, parts[0], timing, env, lead)
             except Exception as err:  # one failing variant must not hide the others' numbers
                 rows.append(BenchRow(variant, 0, 0, 0, None, error=str(err).splitlines()[0][:120]))
             finally:
@@ -81,14 +104,35 @@ def run(args) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
             last = rows[-1]
-            print(f"{variant}: " + (f"{last.tokens_per_s:,.0f} tokens/s" if last.error is None
-                                    else f"failed: {last.error}"), flush=True)
+            if lead:
+                print(f"{variant}: " + (f"{last.tokens_per_s:,.0f} tokens/s" if last.error is None
+                                        else f"failed: {last.error}"), flush=True)
     finally:
         shutdown_distributed()
+    if not lead:
+        return 0 if all(r.error is None for r in rows) else 1
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{args.preset}, {args.layers} layers, seq {args.seq}, mbs {args.mbs}, {name}")
+    where = f", {env.world_size} ranks ({_layout(cfg)}), MFU per GPU" if env.world_size > 1 else ""
+    print(f"\n{args.preset}, {args.layers} layers, seq {args.seq}, mbs {args.mbs}, {name}{where}")
     print(render(rows))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args) | {"handler": None},
-                                              "device": name, "rows": to_json(rows)}, indent=1))
+                                              "device": name, "world_size": env.world_size,
+                                              "rows": to_json(rows)}, indent=1))
     return 0 if all(r.error is None for r in rows) else 1
+
+
+def _profile(folder, variant, step, model, timing, env, lead) -> None:
+    from moe_lab.bench import profile
+
+    result = profile.profile_step(step, model)
+    name = variant if env.world_size == 1 else f"{variant}_rank{env.rank}"
+    if lead:
+        profile.write(folder, name, result, timing)
+        print(profile.render(name, result, timing), flush=True)
+
+
+def _layout(cfg) -> str:
+    p = cfg.parallel
+    return " ".join(f"{k}={getattr(p, k)}" for k in ("tp", "pp", "ep", "etp", "cp")
+                    if getattr(p, k) != 1) or "dp"

@@ -1,0 +1,280 @@
+"""Where a training step's time goes: a torch.profiler breakdown of a step function.
+
+`profile_step` runs a few steps under torch.profiler with every module of the model opening a
+`module:<path>` range (forward hooks, removed afterwards) and writes, per variant:
+- the top CUDA kernels by total GPU time, each with the class its launching ops fall in;
+- GPU time per class (expert GEMM, attention, optimizer, permutation/dispatch, communication,
+  LM head + cross-entropy, ...), forward and backward together;
+- per step: kernel time, GPU busy time (union of kernel intervals), host time spent blocked in
+  CUDA synchronisation, and where (which module) those synchronisations happen.
+
+A kernel is classed by the CPU op that launched it: its op names, the module range it ran in
+(backward ops inherit the module of the forward op with the same autograd sequence number) and
+the step phase (`phase:*` ranges opened by the bench's step functions and moe_lab's Trainer).
+On the CPU there are no kernels; the op's own CPU time stands in, so the plumbing is testable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+CLASSES = [
+    "expert GEMM (grouped_mm)",
+    "experts elementwise (SwiGLU, probs)",
+    "shared expert",
+    "attention core (SDPA)",
+    "attention projections, RoPE",
+    "router",
+    "permutation / dispatch",
+    "communication (NCCL)",
+    "LM head + cross-entropy",
+    "embedding",
+    "grad accumulation (main_grad)",
+    "optimizer, grad clip, master copies",
+    "norms, residuals, other",
+    "not attributed",
+]
+_SYNC = re.compile(r"^cuda(StreamSynchronize|DeviceSynchronize|EventSynchronize|Memcpy|MemcpyAsync)$")
+_COMM = re.compile(r"nccl|c10d|all_to_all|alltoall|all_reduce|allreduce|all_gather|allgather|"
+                   r"reduce_scatter|record_param_comms", re.I)
+_ATTN = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention", re.I)
+_PERMUTE = re.compile(r"sort|index|scatter|gather|masked|nonzero|histc|bincount|cumsum|"
+                      r"repeat_interleave|one_hot|where", re.I)
+
+
+def module_role(path: str) -> str:
+    """A module path (model.named_modules()) -> its role in a MoE transformer."""
+    p = re.sub(r"\.\d+", "", path)
+    if "output_layer" in p or "lm_head" in p:
+        return "lm_head"
+    if "embed" in p:
+        return "embedding"
+    if "shared_expert" in p:
+        return "shared_expert"
+    if p.endswith(".router") or ".router." in p or p.endswith(".mlp.gate"):
+        return "router"
+    if ".experts" in p:
+        return "experts"
+    if "attention" in p or "self_attn" in p:
+        return "attention"
+    if "norm" in p:
+        return "norm"
+    if p.endswith(".mlp"):
+        return "moe_layer"
+    if p in ("", "module", "model"):
+        return "top"  # the LM loss and position ids run in the outermost model's forward
+    return "other"
+
+
+def classify(ops: list[str], role: str | None, phase: str | None) -> str:
+    names = " ".join(ops)
+    if phase in ("optimizer", "zero_grad"):
+        return "optimizer, grad clip, master copies"
+    if "AccumulateGrad" in names:
+        return "grad accumulation (main_grad)"
+    if _COMM.search(names):
+        return "communication (NCCL)"
+    if "grouped_mm" in names or "GroupedMm" in names:
+        return "expert GEMM (grouped_mm)"
+    if _ATTN.search(names):
+        return "attention core (SDPA)"
+    if role in ("lm_head", "top"):
+        return "LM head + cross-entropy"
+    if role in ("experts", "moe_layer") and _PERMUTE.search(names):
+        return "permutation / dispatch"
+    return {"moe_layer": "permutation / dispatch", "experts": "experts elementwise (SwiGLU, probs)",
+            "router": "router", "shared_expert": "shared expert",
+            "attention": "attention projections, RoPE", "embedding": "embedding"}.get(
+                role, "norms, residuals, other")
+
+
+@contextmanager
+def module_ranges(model: torch.nn.Module):
+    """Every module's forward inside a `module:<path>` profiler range (hooks removed on exit)."""
+    handles, stack = [], []
+
+    def enter(name):
+        def hook(module, args):
+            rf = record_function(f"module:{name}")
+            rf.__enter__()
+            stack.append(rf)
+        return hook
+
+    def leave(module, args, output):
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def profile_step(step, model, steps: int = 2) -> dict:
+    """Run `steps` steps of an already warmed-up step function under the profiler."""
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with module_ranges(model), profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    return analyse(prof.events(), steps, cuda)
+
+
+def _ancestors(event):
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
+def analyse(events, steps: int, cuda: bool) -> dict:
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    # (thread, autograd sequence number) of forward ops -> their module path
+    fwd_module: dict = {}
+    for e in cpu:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
+            path = _innermost(e, "module:")
+            if path is not None:
+                fwd_module.setdefault((e.thread, e.sequence_nr), path)
+
+    class_us: Counter = Counter()
+    phase_us: Counter = Counter()
+    class_phase_us: Counter = Counter()
+    unmapped_backward_us = 0.0
+    kernel_class: dict = defaultdict(Counter)
+    sync_us: Counter = Counter()
+    sync_count = 0
+    for e in cpu:
+        if _SYNC.match(e.name):
+            sync_count += 1
+            parent = e.cpu_parent
+            where = module_role(_innermost(parent, "module:") or "") if parent else "top"
+            phase = _innermost(parent, "phase:") if parent else None
+            sync_us[f"{phase or '?'}/{where}"] += e.cpu_time_total
+            continue
+        if cuda:
+            kernels = [(k.name, k.duration) for k in e.kernels]
+        else:  # no kernels on the CPU: the op's self CPU time stands in (leaf ops only)
+            kernels = [(e.name, e.self_cpu_time_total)] if not e.cpu_children else []
+        if not kernels:
+            continue
+        chain = list(_ancestors(e))
+        ops = [a.name for a in chain if not a.name.startswith(("module:", "phase:"))]
+        phase = next((a.name[6:] for a in chain if a.name.startswith("phase:")), None)
+        path = next((a.name[7:] for a in chain if a.name.startswith("module:")), None)
+        backward = next((a for a in chain if a.name.startswith("autograd::engine::")), None)
+        if backward is not None:
+            phase = phase if phase in ("optimizer", "zero_grad") else "backward"
+            mapped = fwd_module.get((backward.fwd_thread, backward.sequence_nr))
+            if mapped is None:
+                unmapped_backward_us += sum(us for _, us in kernels)
+            path = mapped if mapped is not None else path
+        elif phase not in ("optimizer", "zero_grad"):
+            phase = "forward"
+        cls = classify(ops, module_role(path) if path is not None else None, phase)
+        for name, us in kernels:
+            class_us[cls] += us
+            phase_us[phase] += us
+            class_phase_us[(cls, phase)] += us
+            kernel_class[name][cls] += us
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
+    by_kernel: dict = defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        by_kernel[k.name][0] += k.time_range.elapsed_us()
+        by_kernel[k.name][1] += 1
+    total_kernel_us = sum(v[0] for v in by_kernel.values()) if cuda else sum(class_us.values())
+    if cuda:
+        class_us["not attributed"] = max(0.0, total_kernel_us - sum(class_us.values()))
+    busy_us = _union([(k.time_range.start, k.time_range.end) for k in kernels])
+    starts = [e.time_range.start for e in cpu] or [0.0]
+    ends = [e.time_range.end for e in cpu] or [0.0]
+    window_us = max(ends) - min(starts)
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    per = 1e3 * steps
+    return {
+        "steps": steps,
+        "window_ms_per_step": window_us / per,
+        "kernel_ms_per_step": total_kernel_us / per,
+        "gpu_busy_ms_per_step": busy_us / per if cuda else float("nan"),
+        "sync_wait_ms_per_step": sum(sync_us.values()) / per,
+        "syncs_per_step": sync_count / steps,
+        "sync_wait_ms_by_place": {k: v / per for k, v in sync_us.most_common()},
+        "class_ms_per_step": {c: class_us[c] / per for c in CLASSES if class_us[c]},
+        "phase_ms_per_step": {p: v / per for p, v in phase_us.most_common()},
+        "class_phase_ms_per_step": {f"{c} / {p}": v / per
+                                    for (c, p), v in class_phase_us.most_common()},
+        "backward_ms_without_forward_module": unmapped_backward_us / per,
+        "top_kernels": [{"kernel": name[:120], "ms_per_step": us / per, "calls_per_step": n / steps,
+                         "class": (kernel_class[name].most_common(1) or [("not attributed", 0)])[0][0]}
+                        for name, (us, n) in top],
+    }
+
+
+def _innermost(event, prefix: str):
+    for a in _ancestors(event):
+        if a.name.startswith(prefix):
+            return a.name[len(prefix):]
+    return None
+
+
+def _union(intervals) -> float:
+    total, end = 0.0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def render(name: str, result: dict, timing=None) -> str:
+    lines = [f"## {name}", ""]
+    if timing is not None:
+        lines.append(f"Unprofiled: wall {timing.wall_ms:.1f} ms/step, host thread CPU "
+                     f"{timing.host_ms:.1f} ms/step (includes spinning in syncs), kernel "
+                     f"{timing.gpu_ms:.1f} ms/step.")
+    r = result
+    lines += [f"Profiled ({r['steps']} steps): window {r['window_ms_per_step']:.1f} ms/step, "
+              f"kernels {r['kernel_ms_per_step']:.1f}, GPU busy {r['gpu_busy_ms_per_step']:.1f}, "
+              f"host blocked in CUDA syncs {r['sync_wait_ms_per_step']:.1f} ms/step "
+              f"({r['syncs_per_step']:.0f} syncs/step).", ""]
+    lines += ["| class | GPU ms/step | share of kernel time |", "|---|---|---|"]
+    total = r["kernel_ms_per_step"] or 1.0
+    for c, ms in sorted(r["class_ms_per_step"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {c} | {ms:.2f} | {ms / total:.1%} |")
+    lines += ["", "| phase | GPU ms/step |", "|---|---|"]
+    lines += [f"| {p} | {ms:.2f} |" for p, ms in r["phase_ms_per_step"].items()]
+    lines += [f"| (backward kernels whose forward module was not found) | "
+              f"{r['backward_ms_without_forward_module']:.2f} |"]
+    lines += ["", "| class / phase | GPU ms/step |", "|---|---|"]
+    lines += [f"| {k} | {ms:.2f} |" for k, ms in r["class_phase_ms_per_step"].items()
+              if ms >= 0.05 * (r["kernel_ms_per_step"] or 1) / 5]
+    lines += ["", "| host blocked in sync (phase/module) | ms/step |", "|---|---|"]
+    lines += [f"| {p} | {ms:.2f} |" for p, ms in r["sync_wait_ms_by_place"].items()]
+    lines += ["", "| top kernels | ms/step | calls/step | class |", "|---|---|---|---|"]
+    lines += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} | "
+              f"{k['class']} |" for k in r["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(folder: str | Path, name: str, result: dict, timing=None) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text(render(name, result, timing))
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
