@@ -25,17 +25,17 @@ for stage in $stages; do
   case $stage in
   prof1|prof4)
     mbs=${stage#prof}
-    timeout $((mbs == 1 ? 120 : 140)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
+    timeout $((mbs == 1 ? 140 : 160)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
       --variants hf_grouped_bf16,mcore_torch_bf16 --out "$res/bench_mbs$mbs.json" \
       --profile "$res/prof_mbs$mbs" 2>&1 | quiet > "$res/$stage.log"
     ;;
   ep2)
-    timeout 110 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
+    timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
       --mbs 1 --variants mcore_torch_bf16 --out "$res/bench_ep2_mbs1.json" \
       --profile "$res/prof_ep2_mbs1" parallel.ep=2 2>&1 | quiet > "$res/$stage.log"
     ;;
   ablate)
-    timeout 160 python3 - <<'EOF' 2>&1 | quiet > "$res/$stage.log"
+    timeout 150 python3 - <<'EOF' 2>&1 | quiet > "$res/$stage.log"
 import dataclasses, json, os
 import torch
 from moe_lab import config as config_lib

@@ -42,6 +42,8 @@ CLASSES = [
     "norms, residuals, other",
     "not attributed",
 ]
+# the update and what serves it: zeroing grad buffers, the non-finite guard's grad norm
+_OPTIMIZER_PHASES = ("optimizer", "zero_grad", "guard")
 _SYNC = re.compile(r"^cuda(StreamSynchronize|DeviceSynchronize|EventSynchronize|Memcpy|MemcpyAsync)$")
 _COMM = re.compile(r"nccl|c10d|all_to_all|alltoall|all_reduce|allreduce|all_gather|allgather|"
                    r"reduce_scatter|record_param_comms", re.I)
@@ -76,7 +78,7 @@ def module_role(path: str) -> str:
 
 def classify(ops: list[str], role: str | None, phase: str | None) -> str:
     names = " ".join(ops)
-    if phase in ("optimizer", "zero_grad"):
+    if phase in _OPTIMIZER_PHASES:
         return "optimizer, grad clip, master copies"
     if "AccumulateGrad" in names:
         return "grad accumulation (main_grad)"
@@ -150,6 +152,10 @@ def analyse(events, steps: int, cuda: bool) -> dict:
             if path is not None:
                 fwd_module.setdefault((e.thread, e.sequence_nr), path)
 
+    # record_function ranges also appear on the GPU timeline (user annotations spanning the
+    # kernels they launched) and get linked to their CPU range like kernels: not kernels.
+    annotations = {e.name for e in events if e.device_type != DeviceType.CPU
+                   and e.is_user_annotation}
     class_us: Counter = Counter()
     phase_us: Counter = Counter()
     class_phase_us: Counter = Counter()
@@ -163,10 +169,13 @@ def analyse(events, steps: int, cuda: bool) -> dict:
             parent = e.cpu_parent
             where = module_role(_innermost(parent, "module:") or "") if parent else "top"
             phase = _innermost(parent, "phase:") if parent else None
-            sync_us[f"{phase or '?'}/{where}"] += e.cpu_time_total
+            place = f"{phase}/{where}" if phase else "outside the step (final synchronize)"
+            sync_us[place] += e.cpu_time_total
+            continue
+        if e.is_user_annotation or e.name.startswith(("module:", "phase:")):
             continue
         if cuda:
-            kernels = [(k.name, k.duration) for k in e.kernels]
+            kernels = [(k.name, k.duration) for k in e.kernels if k.name not in annotations]
         else:  # no kernels on the CPU: the op's self CPU time stands in (leaf ops only)
             kernels = [(e.name, e.self_cpu_time_total)] if not e.cpu_children else []
         if not kernels:
@@ -177,12 +186,12 @@ def analyse(events, steps: int, cuda: bool) -> dict:
         path = next((a.name[7:] for a in chain if a.name.startswith("module:")), None)
         backward = next((a for a in chain if a.name.startswith("autograd::engine::")), None)
         if backward is not None:
-            phase = phase if phase in ("optimizer", "zero_grad") else "backward"
+            phase = phase if phase in _OPTIMIZER_PHASES else "backward"
             mapped = fwd_module.get((backward.fwd_thread, backward.sequence_nr))
             if mapped is None:
                 unmapped_backward_us += sum(us for _, us in kernels)
             path = mapped if mapped is not None else path
-        elif phase not in ("optimizer", "zero_grad"):
+        elif phase not in _OPTIMIZER_PHASES:
             phase = "forward"
         cls = classify(ops, module_role(path) if path is not None else None, phase)
         for name, us in kernels:
@@ -191,7 +200,9 @@ def analyse(events, steps: int, cuda: bool) -> dict:
             class_phase_us[(cls, phase)] += us
             kernel_class[name][cls] += us
 
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
+    # GPU-side copies of record_function ranges (user annotations) are not kernels.
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA
+               and not e.is_user_annotation] if cuda else []
     by_kernel: dict = defaultdict(lambda: [0.0, 0])
     for k in kernels:
         by_kernel[k.name][0] += k.time_range.elapsed_us()

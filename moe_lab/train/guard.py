@@ -20,7 +20,9 @@ class NonFiniteError(RuntimeError):
 
 def nonfinite_value(loss: float, optimizer) -> tuple[str, float] | None:
     """("loss" | "grad_norm", value) when one is NaN/Inf, else None. Collective: every rank."""
-    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    # NCCL reduces CUDA tensors only; gloo (the CPU path) CPU tensors.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the loss is reduced over ranks; make sure
     if bad.item():
         return "loss", loss

@@ -75,7 +75,8 @@ class Trainer:
         metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
-        skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
+        with record_function("phase:guard"):
+            skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
         with record_function("phase:optimizer"):
