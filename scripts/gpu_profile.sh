@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Where the torch backend's step time goes (issues 11 and 12), one device call on nvidia-h200-x2:
-#  1. moe-lab bench --profile: hf_grouped_bf16 vs mcore_torch_bf16, shape A (Qwen1.5-MoE-A2.7B,
-#     4 layers, seq 4096), mbs 1 and 4: kernel classes, top kernels, host time in syncs;
-#  2. the same profile for EP=2 on 2 GPUs (torchrun, mbs 1 per rank): dispatcher's share;
-#  3. an ablation of the mcore_torch_bf16 step in one process (same model, same tokens):
-#     megatron's optimizer as built, then with torch's fused AdamW kernel, then with megatron's
-#     native fused cross-entropy, then without gradient clipping (to price each).
+# GPU speed of the torch backend (issues 11 and 12), on nvidia-h200-x2. Stages (STAGES=...):
+#  prof1, prof4  moe-lab bench --profile, shape A (Qwen1.5-MoE-A2.7B, 4 layers, seq 4096), mbs 1
+#                and 4, variants $VARIANTS: tokens/s and ratios in one process, kernel classes,
+#                top kernels, host time blocked in CUDA syncs;
+#  ep2           the same for mcore_torch_bf16 as EP=2 on 2 GPUs (torchrun, mbs 1 per rank):
+#                the dispatcher's share of the step;
+#  ablate        one mcore_torch_bf16 model per mbs, timed with megatron's own optimizer step
+#                (foreach AdamW, per-tensor norm and clipping fallbacks), then with moe-lab's
+#                fused step (train/optim.py), then + megatron's native fused cross-entropy;
+#  pytest        pytest tests/gpu (numerics and two-GPU layouts), reports as JSON.
 # Everything lands in ${OUT}/results.tgz (refreshed after each stage) and the logs beside it.
 set -uo pipefail
 out=${OUT:-/tmp/moe-lab-prof}
@@ -19,18 +22,19 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 quiet() { grep -v -i "warn\|_warn_once\|^  warnings\.\|^$" ; }
 A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
+variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
 
 for stage in $stages; do
   start=$(date +%s)
   case $stage in
   prof1|prof4)
     mbs=${stage#prof}
-    timeout $((mbs == 1 ? 140 : 160)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
-      --variants hf_grouped_bf16,mcore_torch_bf16 --out "$res/bench_mbs$mbs.json" \
+    timeout $((mbs == 1 ? 120 : 140)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
+      --variants "$variants" --out "$res/bench_mbs$mbs.json" \
       --profile "$res/prof_mbs$mbs" 2>&1 | quiet > "$res/$stage.log"
     ;;
   ep2)
-    timeout 120 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
+    timeout 100 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
       --mbs 1 --variants mcore_torch_bf16 --out "$res/bench_ep2_mbs1.json" \
       --profile "$res/prof_ep2_mbs1" parallel.ep=2 2>&1 | quiet > "$res/$stage.log"
     ;;
@@ -76,26 +80,34 @@ for mbs in (1, 4):
                       "peak_gb": t.peak_gb, "tokens_per_s": mbs * 4096 / t.wall_ms * 1e3,
                       "loss_last": last["loss/lm"], "grad_norm_last": last.get("grad_norm")}
         print(mbs, name, json.dumps(rows[name]), flush=True)
-    run("as_built")
+    # megatron's own step first (its foreach AdamW keeps CPU step counters; the fused path's
+    # pre-hook moves them to the GPU when it takes over)
     for s in subs:
+        s.optimizer.moe_lab_fused = False
+        for g in s.optimizer.param_groups:
+            g["fused"], g["foreach"] = None, None
+    run("megatron_step")
+    for s in subs:
+        s.optimizer.moe_lab_fused = True
         for g in s.optimizer.param_groups:
             g["fused"], g["foreach"] = True, False
-    run("fused_adamw", warmup=2)
+    run("moe_lab_fused_step", warmup=2)
     try:
         config.cross_entropy_loss_fusion, config.cross_entropy_fusion_impl = True, "native"
-        run("fused_adamw+native_ce", warmup=3)
+        run("fused_step+native_ce", warmup=3)
     except Exception as err:
         print("native CE failed:", repr(err)[:300], flush=True)
-        config.cross_entropy_loss_fusion = False
-    for s in subs:
-        s.config.clip_grad = 0.0
-    run("...+no_grad_clip", warmup=1)
+    config.cross_entropy_loss_fusion = False
     results[f"mbs{mbs}"] = {"info": info, "rows": rows}
     del trainer, model, optimizer, scheduler, step
     import gc; gc.collect(); torch.cuda.empty_cache()
 json.dump(results, open("/tmp/moe-lab-prof-results/ablation.json", "w"), indent=1)
 shutdown_distributed()
 EOF
+    ;;
+  pytest)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 560 python3 -m pytest tests/gpu -x -q -s \
+      -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   esac
   echo "== $stage: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$res/stages.txt"

@@ -151,16 +151,25 @@ def analyse(events, steps: int, cuda: bool) -> dict:
             path = _innermost(e, "module:")
             if path is not None:
                 fwd_module.setdefault((e.thread, e.sequence_nr), path)
+    unmapped = [0.0]
 
-    # record_function ranges also appear on the GPU timeline (user annotations spanning the
-    # kernels they launched) and get linked to their CPU range like kernels: not kernels.
-    annotations = {e.name for e in events if e.device_type != DeviceType.CPU
-                   and e.is_user_annotation}
-    class_us: Counter = Counter()
-    phase_us: Counter = Counter()
-    class_phase_us: Counter = Counter()
-    unmapped_backward_us = 0.0
-    kernel_class: dict = defaultdict(Counter)
+    def op_class(op):
+        """(class, phase) of the kernels that CPU op launched."""
+        chain = list(_ancestors(op))
+        ops = [a.name for a in chain if not a.name.startswith(("module:", "phase:"))]
+        phase = next((a.name[6:] for a in chain if a.name.startswith("phase:")), None)
+        path = next((a.name[7:] for a in chain if a.name.startswith("module:")), None)
+        backward = next((a for a in chain if a.name.startswith("autograd::engine::")), None)
+        if backward is not None:
+            phase = phase if phase in _OPTIMIZER_PHASES else "backward"
+            mapped = fwd_module.get((backward.fwd_thread, backward.sequence_nr))
+            if mapped is None:
+                phase = f"{phase} (no forward module)" if phase == "backward" else phase
+            path = mapped if mapped is not None else path
+        elif phase not in _OPTIMIZER_PHASES:
+            phase = "forward"
+        return classify(ops, module_role(path) if path is not None else None, phase), phase
+
     sync_us: Counter = Counter()
     sync_count = 0
     for e in cpu:
@@ -171,46 +180,62 @@ def analyse(events, steps: int, cuda: bool) -> dict:
             phase = _innermost(parent, "phase:") if parent else None
             place = f"{phase}/{where}" if phase else "outside the step (final synchronize)"
             sync_us[place] += e.cpu_time_total
-            continue
-        if e.is_user_annotation or e.name.startswith(("module:", "phase:")):
-            continue
-        if cuda:
-            kernels = [(k.name, k.duration) for k in e.kernels if k.name not in annotations]
-        else:  # no kernels on the CPU: the op's self CPU time stands in (leaf ops only)
-            kernels = [(e.name, e.self_cpu_time_total)] if not e.cpu_children else []
-        if not kernels:
-            continue
-        chain = list(_ancestors(e))
-        ops = [a.name for a in chain if not a.name.startswith(("module:", "phase:"))]
-        phase = next((a.name[6:] for a in chain if a.name.startswith("phase:")), None)
-        path = next((a.name[7:] for a in chain if a.name.startswith("module:")), None)
-        backward = next((a for a in chain if a.name.startswith("autograd::engine::")), None)
-        if backward is not None:
-            phase = phase if phase in _OPTIMIZER_PHASES else "backward"
-            mapped = fwd_module.get((backward.fwd_thread, backward.sequence_nr))
-            if mapped is None:
-                unmapped_backward_us += sum(us for _, us in kernels)
-            path = mapped if mapped is not None else path
-        elif phase not in _OPTIMIZER_PHASES:
-            phase = "forward"
-        cls = classify(ops, module_role(path) if path is not None else None, phase)
-        for name, us in kernels:
-            class_us[cls] += us
-            phase_us[phase] += us
-            class_phase_us[(cls, phase)] += us
-            kernel_class[name][cls] += us
 
-    # GPU-side copies of record_function ranges (user annotations) are not kernels.
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA
-               and not e.is_user_annotation] if cuda else []
-    by_kernel: dict = defaultdict(lambda: [0.0, 0])
-    for k in kernels:
-        by_kernel[k.name][0] += k.time_range.elapsed_us()
-        by_kernel[k.name][1] += 1
-    total_kernel_us = sum(v[0] for v in by_kernel.values()) if cuda else sum(class_us.values())
+    # (name, microseconds, class, phase) of every kernel
+    attributed = []
     if cuda:
-        class_us["not attributed"] = max(0.0, total_kernel_us - sum(class_us.values()))
-    busy_us = _union([(k.time_range.start, k.time_range.end) for k in kernels])
+        # A kernel and the CUDA runtime call that launched it share CUPTI's correlation id;
+        # the runtime call sits inside the CPU op that issued it. (GPU-side copies of
+        # record_function ranges, user annotations, are not kernels.)
+        runtime = {e.id: e for e in cpu if e.name.startswith("cu") and e.id > 0}
+        cache: dict = {}
+        # fallback when the launch call has no parent op: the class most often seen for a
+        # kernel of that name among the ops torch links kernels to
+        by_name: dict = defaultdict(Counter)
+        for e in cpu:
+            if e.kernels and not e.is_user_annotation and not e.name.startswith(
+                    ("module:", "phase:")):
+                if id(e) not in cache:
+                    cache[id(e)] = op_class(e)
+                for k in e.kernels:
+                    by_name[k.name][cache[id(e)]] += 1
+        for k in events:
+            if k.device_type == DeviceType.CPU or k.is_user_annotation:
+                continue
+            launch = runtime.get(k.id)
+            op = launch.cpu_parent if launch is not None else None
+            if op is None:
+                guess = by_name.get(k.name)
+                cls, phase = guess.most_common(1)[0][0] if guess else ("not attributed", "?")
+                phase = f"{phase} (by kernel name)"
+            else:
+                if id(op) not in cache:
+                    cache[id(op)] = op_class(op)
+                cls, phase = cache[id(op)]
+            attributed.append((k.name, k.time_range.elapsed_us(), cls, phase,
+                               k.time_range.start, k.time_range.end))
+    else:  # no kernels on the CPU: leaf ops' own CPU time stands in
+        for e in cpu:
+            if e.cpu_children or e.is_user_annotation or _SYNC.match(e.name) \
+                    or e.name.startswith(("module:", "phase:")):
+                continue
+            cls, phase = op_class(e)
+            attributed.append((e.name, e.self_cpu_time_total, cls, phase, 0.0, 0.0))
+
+    class_us: Counter = Counter()
+    phase_us: Counter = Counter()
+    class_phase_us: Counter = Counter()
+    by_kernel: dict = defaultdict(lambda: [0.0, 0, Counter()])
+    for name, us, cls, phase, _, _ in attributed:
+        class_us[cls] += us
+        phase_us[phase] += us
+        class_phase_us[(cls, phase)] += us
+        entry = by_kernel[name]
+        entry[0] += us
+        entry[1] += 1
+        entry[2][cls] += us
+    total_us = sum(class_us.values())
+    busy_us = _union([(s, e) for *_, s, e in attributed]) if cuda else float("nan")
     starts = [e.time_range.start for e in cpu] or [0.0]
     ends = [e.time_range.end for e in cpu] or [0.0]
     window_us = max(ends) - min(starts)
@@ -219,8 +244,8 @@ def analyse(events, steps: int, cuda: bool) -> dict:
     return {
         "steps": steps,
         "window_ms_per_step": window_us / per,
-        "kernel_ms_per_step": total_kernel_us / per,
-        "gpu_busy_ms_per_step": busy_us / per if cuda else float("nan"),
+        "kernel_ms_per_step": total_us / per,
+        "gpu_busy_ms_per_step": busy_us / per,
         "sync_wait_ms_per_step": sum(sync_us.values()) / per,
         "syncs_per_step": sync_count / steps,
         "sync_wait_ms_by_place": {k: v / per for k, v in sync_us.most_common()},
@@ -228,10 +253,9 @@ def analyse(events, steps: int, cuda: bool) -> dict:
         "phase_ms_per_step": {p: v / per for p, v in phase_us.most_common()},
         "class_phase_ms_per_step": {f"{c} / {p}": v / per
                                     for (c, p), v in class_phase_us.most_common()},
-        "backward_ms_without_forward_module": unmapped_backward_us / per,
-        "top_kernels": [{"kernel": name[:120], "ms_per_step": us / per, "calls_per_step": n / steps,
-                         "class": (kernel_class[name].most_common(1) or [("not attributed", 0)])[0][0]}
-                        for name, (us, n) in top],
+        "top_kernels": [{"kernel": name[:120], "ms_per_step": v[0] / per,
+                         "calls_per_step": v[1] / steps, "class": v[2].most_common(1)[0][0]}
+                        for name, v in top],
     }
 
 
@@ -271,8 +295,6 @@ def render(name: str, result: dict, timing=None) -> str:
         lines.append(f"| {c} | {ms:.2f} | {ms / total:.1%} |")
     lines += ["", "| phase | GPU ms/step |", "|---|---|"]
     lines += [f"| {p} | {ms:.2f} |" for p, ms in r["phase_ms_per_step"].items()]
-    lines += [f"| (backward kernels whose forward module was not found) | "
-              f"{r['backward_ms_without_forward_module']:.2f} |"]
     lines += ["", "| class / phase | GPU ms/step |", "|---|---|"]
     lines += [f"| {k} | {ms:.2f} |" for k, ms in r["class_phase_ms_per_step"].items()
               if ms >= 0.05 * (r["kernel_ms_per_step"] or 1) / 5]

@@ -18,8 +18,11 @@ class NonFiniteError(RuntimeError):
     """Training stopped on a NaN/Inf; the message says what and where."""
 
 
-def nonfinite_value(loss: float, optimizer) -> tuple[str, float] | None:
-    """("loss" | "grad_norm", value) when one is NaN/Inf, else None. Collective: every rank."""
+def nonfinite_value(loss: float, optimizer,
+                    grad_norm: float | None = None) -> tuple[str, float] | None:
+    """("loss" | "grad_norm", value) when one is NaN/Inf, else None. Collective: every rank.
+    `grad_norm`: the global gradient norm when the caller already computed it (after
+    prepare_grads, as train/optim.prepare_and_norm does)."""
     # NCCL reduces CUDA tensors only; gloo (the CPU path) CPU tensors.
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
@@ -28,15 +31,17 @@ def nonfinite_value(loss: float, optimizer) -> tuple[str, float] | None:
         return "loss", loss
     # megatron's own sequence (MegatronOptimizer.step does the same first): gradients into
     # the main params, then their global norm. The update recomputes both, identically.
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
+    if grad_norm is None:
+        optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm())
     return None if math.isfinite(grad_norm) else ("grad_norm", grad_norm)
 
 
-def check_before_update(cfg, step: int, metrics: dict, optimizer) -> dict | None:
+def check_before_update(cfg, step: int, metrics: dict, optimizer,
+                        grad_norm: float | None = None) -> dict | None:
     """None when the update may go ahead. Otherwise, by training.on_nonfinite: raise
     NonFiniteError (stop), or return the skipped step's metrics (skip)."""
-    bad = nonfinite_value(metrics["loss"], optimizer)
+    bad = nonfinite_value(metrics["loss"], optimizer, grad_norm)
     if bad is None:
         return None
     name, value = bad

@@ -13,6 +13,7 @@ from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 from torch.profiler import record_function
 
 from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
+from moe_lab.train import optim
 from moe_lab.train.guard import check_before_update
 
 # megatron's tracker name -> moe.balance coefficient name
@@ -76,11 +77,17 @@ class Trainer:
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
         with record_function("phase:guard"):
-            skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
+            # the global gradient norm, once (fused path; None: megatron's step computes it)
+            norm = optim.prepare_and_norm(self.optimizer)
+            grad_norm = float(norm) if norm is not None else None
+            skipped = check_before_update(self.cfg, step, metrics, self.optimizer, grad_norm)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
         with record_function("phase:optimizer"):
-            _, grad_norm, _ = self.optimizer.step()
+            if norm is not None:
+                optim.fused_update(self.optimizer, norm, self.cfg.optimizer.clip_grad)
+            else:
+                _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
