@@ -34,7 +34,7 @@ for stage in $stages; do
       --profile "$res/prof_mbs$mbs" 2>&1 | quiet > "$res/$stage.log"
     ;;
   ep2)
-    timeout 100 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
+    timeout 90 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
       --mbs 1 --variants mcore_torch_bf16 --out "$res/bench_ep2_mbs1.json" \
       --profile "$res/prof_ep2_mbs1" parallel.ep=2 2>&1 | quiet > "$res/$stage.log"
     ;;
@@ -106,7 +106,7 @@ shutdown_distributed()
 EOF
     ;;
   pytest)
-    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 560 python3 -m pytest tests/gpu -x -q -s \
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 470 python3 -m pytest tests/gpu -x -q -s \
       -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   esac

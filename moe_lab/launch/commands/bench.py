@@ -127,8 +127,8 @@ def _profile(folder, variant, step, model, timing, env, lead) -> None:
 
     result = profile.profile_step(step, model)
     name = variant if env.world_size == 1 else f"{variant}_rank{env.rank}"
+    profile.write(folder, name, result, timing)  # every rank: the ranks wait on each other
     if lead:
-        profile.write(folder, name, result, timing)
         print(profile.render(name, result, timing), flush=True)
 
 
