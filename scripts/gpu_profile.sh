@@ -106,7 +106,7 @@ shutdown_distributed()
 EOF
     ;;
   pytest)
-    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 470 python3 -m pytest tests/gpu -x -q -s \
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 480 python3 -m pytest tests/gpu -q -s \
       -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   esac

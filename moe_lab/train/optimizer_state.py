@@ -66,7 +66,9 @@ class OptimizerState:
         """Adam's step count (every parameter steps together); the max over ranks, so that
         a rank whose optimizer shard is empty agrees with the others."""
         step = max((_step_of(sub) for sub in self.subs), default=0)
-        count = torch.tensor([step], dtype=torch.long)
+        # NCCL reduces CUDA tensors only; gloo (the CPU path) CPU tensors.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        count = torch.tensor([step], dtype=torch.long, device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return int(count.item())
 
