@@ -29,3 +29,24 @@ def test_unknown_variant_is_one_line():
     result = run_cli(["bench", "--variants", "mcore_fast_bf16"])
     assert result.returncode == 2
     assert result.stderr.strip() == "moe-lab: error: --variants: unknown variant 'mcore_fast_bf16'"
+
+
+def test_profile_writes_kernel_classes_per_variant(tmp_path):
+    """--profile: per variant a markdown table and JSON of time per class (on the CPU the ops'
+    own CPU time stands in for kernels), with the step's phases and top kernels."""
+    folder = tmp_path / "profile"
+    result = run_cli(["bench", "--preset", TINY_MOE, "--layers", "2", "--seq", "32", "--mbs", "2",
+                      "--variants", "hf_grouped_fp32,mcore_torch_fp32", "--warmup", "1",
+                      "--steps", "1", "--profile", str(folder)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("hf_grouped_fp32", "mcore_torch_fp32"):
+        data = json.loads((folder / f"{name}.json").read_text())
+        classes = data["class_ms_per_step"]
+        for cls in ("expert GEMM (grouped_mm)", "optimizer, grad clip, master copies",
+                    "LM head + cross-entropy", "attention core (SDPA)", "router"):
+            assert classes.get(cls, 0) > 0, (name, cls, classes)
+        assert {"forward", "backward", "optimizer"} <= set(data["phase_ms_per_step"])
+        assert data["top_kernels"]
+        assert "| class | GPU ms/step |" in (folder / f"{name}.md").read_text()
+    assert "grad accumulation (main_grad)" in json.loads(
+        (folder / "mcore_torch_fp32.json").read_text())["class_ms_per_step"]
