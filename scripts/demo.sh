@@ -8,12 +8,13 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 bash scripts/setup.sh
+# nproc would report OMP_NUM_THREADS, which callers such as scripts/test.sh set to 1.
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+parallel=$(( cores >= 3 ? 3 : cores ))
 # One thread per training process (the sweep runs several at once); loopback-only MLflow.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 \
        MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 moe_lab() { "$REPO/.venv/bin/python" -m moe_lab "$@"; }
-cores=$(nproc)
-parallel=$(( cores >= 3 ? 3 : cores ))
 
 echo "== 1/3 built-in corpus: moe-lab data builtin --out data/builtin"
 moe_lab data builtin --out data/builtin
