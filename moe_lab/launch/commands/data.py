@@ -8,8 +8,13 @@ import json
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="prepare training data",
-                                 description="Tokenise text into megatron indexed datasets.")
+    data = subparsers.add_parser(
+        "data", help="prepare training data",
+        description="Tokenise text into megatron indexed datasets.",
+        epilog="examples:\n  moe-lab data builtin --out data/builtin\n"
+               "  moe-lab data prepare --input 'web/*.jsonl' --format jsonl "
+               "--tokenizer data/builtin/tokenizer --out data/web",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     _register_prepare(actions)
     _register_builtin(actions)
