@@ -91,6 +91,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module=r"megatron\..*")
+    # torch.distributed.checkpoint on its own process (upcycle, convert, eval): expected there.
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*ShardedTensor.*")
     warnings.filterwarnings("ignore", category=UserWarning,
                             message=r".*(Apex|Transformer Engine|absl|non-leaf Tensor).*")
     logging.getLogger("megatron").setLevel(logging.ERROR)
