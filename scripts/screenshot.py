@@ -1,8 +1,8 @@
 """Screenshot an HTML page (a file or a loopback URL) with Debian's chromium through Playwright.
 
-Used for the README's picture of `moe-lab compare` (scripts/compare_demo.sh). Nothing off the
+Used for the README's picture of `moe-lab compare` (the report of scripts/demo.sh). Nothing off the
 machine is fetched: requests that leave loopback are blocked.
-Run: python scripts/screenshot.py compare/lr_demo/report.html docs/img/compare_report.png
+Run: python scripts/screenshot.py compare/router_ablation_small/report.html docs/img/compare_report.png
 """
 
 from __future__ import annotations

@@ -44,7 +44,11 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 
-# Point the editable install at this clone (seconds; no downloads).
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
-  "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e .
+# Point the editable install (the `moe-lab` command) at this clone (seconds; no downloads).
+# MOE_LAB_EDITABLE=0 leaves it where it points: tests that run a second clone of the repository
+# with the cached environment use it, with PYTHONPATH naming that clone.
+if [ "${MOE_LAB_EDITABLE:-1}" != 0 ]; then
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
+    "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e .
+fi
 ln -sfn "$venv" .venv

@@ -9,14 +9,16 @@ an explicit member list, read into a validated `Sweep` of members.
       members:                             # and/or explicit members: a name plus overrides
         - {name: softmax_bias, moe.router.name: topk_softmax, moe.router.expert_bias: true}
 
-A member's id is a short hash of its resolved overrides (shared + its own), so the same member
-keeps its id, run directory and finished state when the file is edited around it. Every member's
+A member's id is a short hash of its resolved overrides (shared + its own + the command line's),
+so the same member keeps its id, run directory and finished state when the file is edited around
+it. Every member's
 config is loaded here, so an unknown key or a bad value is an error naming the member and the file
 before anything is launched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -27,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from moe_lab.config.loader import COMMAND_LINE, _resolve_config_path, load
+from moe_lab.config.loader import COMMAND_LINE, _parse_override, _resolve_config_path, load
 from moe_lab.config.schema import ConfigError, ExperimentConfig
 
 _SWEEP_KEYS = ("name", "base", "overrides", "grid", "members")
@@ -59,15 +61,22 @@ class Sweep:
     path: Path  # the sweep file
     base: str  # the base config: an absolute file path, or a preset name
     members: tuple[Member, ...]
+    command_line: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        """Stable across re-runs and added members: the name plus a hash of file and base."""
-        digest = hashlib.sha256(f"{self.path}\n{self.base}".encode()).hexdigest()[:6]
+        """Stable across re-runs and added members: the name plus a hash of file, base and the
+        command line's overrides (the same file run shorter is another sweep)."""
+        text = f"{self.path}\n{self.base}"
+        if self.command_line:
+            text += "\n" + json.dumps(self.command_line, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:6]
         return f"{self.name}-{digest}"
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, command_line: list[str] = ()) -> Sweep:
+    """Read and resolve a sweep file; `command_line` overrides (`key=value`) apply to every
+    member after the file's own, like `train`'s overrides after its config."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep file")
@@ -81,13 +90,14 @@ def load_sweep(path: str | Path) -> Sweep:
     _check_keys(path, spec)
     base = _base(path, spec)
     shared = _mapping(path, spec, "overrides")
+    cli = dict(_parse_override(item) for item in command_line)
     members = [*_grid_members(path, spec), *_listed_members(path, spec)]
     if not members:
         raise ConfigError(f"{path}: sweep: has no members (give a non-empty grid or members)",
                           key="sweep.grid")
     resolved = []
     for name, own in members:
-        overrides = {**shared, **own}
+        overrides = {**shared, **own, **cli}
         try:
             config = load(base, override_args(overrides))
         except ConfigError as err:
@@ -96,7 +106,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"{path}: member {name}: {message}", key=err.key) from None
         resolved.append(Member(name, overrides, config))
     _check_unique(path, resolved)
-    return Sweep(str(spec["name"]), path, base, tuple(resolved))
+    return Sweep(str(spec["name"]), path, base, tuple(resolved), cli)
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:

@@ -141,12 +141,13 @@ def _test_fault():
 def _sinks(cfg: ExperimentConfig, run_dir: Path, env, config_path: str) -> list:
     if env.rank != 0:
         return []
+    from moe_lab.launch import progress
     from moe_lab.tracking import ConsoleSink, JsonlSink
     from moe_lab.train.resume import find_resumable
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = find_resumable(run_dir, cfg).step
-    quiet = os.environ.get("MOE_LAB_QUIET") == "1"
+    quiet = progress.quiet()
     sinks = [JsonlSink(run_dir / "metrics.jsonl", resume_step=resume_step)]
     if not quiet:
         sinks.append(ConsoleSink(cfg.training.max_steps))

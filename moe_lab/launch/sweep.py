@@ -21,6 +21,7 @@ from pathlib import Path
 from moe_lab.config import ConfigError
 from moe_lab.config.sweep import Member, Sweep, override_args
 from moe_lab.launch.distributed import check_layout
+from moe_lab.launch.progress import SweepProgress
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,14 @@ def plan(sweep: Sweep, sweep_dir: Path, parent_run_id: str | None,
 
 
 # -- local processes ---------------------------------------------------------------------------
-def run_local(runs: list[MemberRun], max_parallel: int) -> int:
+def run_local(runs: list[MemberRun], max_parallel: int, progress_interval: float = 15.0) -> int:
     """Train the members as `moe-lab train` processes, max_parallel at a time; logs go to
-    RUN_DIR/train.log. Ctrl-C stops them with a checkpoint; the same command resumes them."""
+    RUN_DIR/train.log, progress lines to stdout. Ctrl-C stops them with a checkpoint; the same
+    command resumes them."""
     waiting = list(runs)
     active: dict[subprocess.Popen, tuple[MemberRun, float, object]] = {}
     failed = []
+    progress = SweepProgress(len(runs), max_parallel, progress_interval)
     try:
         while waiting or active:
             while waiting and len(active) < max_parallel:
@@ -102,11 +105,16 @@ def run_local(runs: list[MemberRun], max_parallel: int) -> int:
                     handle.close()
                 seconds = time.monotonic() - started
                 if proc.returncode == 0:
+                    progress.finished(seconds)
                     print(f"  finished  {run.label} in {seconds:.0f} s", flush=True)
                 else:
                     failed.append(run)
                     print(f"  FAILED    {run.label} (exit {proc.returncode}); log "
                           f"{run.run_dir / 'train.log'}", flush=True)
+            now = time.monotonic()
+            progress.maybe_print([(run.member.name, run.run_dir,
+                                   run.member.config.training.max_steps, now - started)
+                                  for run, started, _ in active.values()], len(waiting))
             time.sleep(0.2)
     except KeyboardInterrupt:
         for proc in active:

@@ -33,7 +33,7 @@ class ConsoleSink:
                 parts.append(f"{key} {value:.4g}" if key != "throughput/tokens_per_s"
                              else f"tokens/s {value:,.0f}")
         if "eta_s" in metrics:
-            parts.append(f"eta {_duration(metrics['eta_s'])}")
+            parts.append(f"eta {format_duration(metrics['eta_s'])}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -79,6 +79,7 @@ def read_metrics(path: Path, split: str = "train") -> list[dict]:
     return [r for r in rows if r.get("split") == split]
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, for ETAs."""
+    seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -58,22 +58,41 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+# Model state that a weights-only source (checkpoint.init_from) may lack: the router's expert
+# bias is balancing state that starts at zero, not a learned weight, and a dense model upcycled
+# or a run trained without it has none.
+FRESH_IF_ABSENT = (".router.expert_bias",)
+
+
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainState:
     """Load the model, and the optimizer, scheduler, step and RNG when given an optimizer."""
     model_state = _unwrap(model).sharded_state_dict()
+    fresh = _fresh_if_absent(model_state, path) if optimizer is None else set()
+    model_state = {k: v for k, v in model_state.items() if k not in fresh}
     sharded = {"model": model_state}
     optimizer_state = None
     if optimizer is not None:
         optimizer_state = OptimizerState(optimizer)
         sharded["optimizer"] = optimizer_state.sharded_state(model_state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
-    _unwrap(model).load_state_dict(loaded["model"])
+    missing = _unwrap(model).load_state_dict(loaded["model"], strict=not fresh).missing_keys
+    if set(missing) - fresh:
+        raise CheckpointInvalid(f"{path}: has no {sorted(set(missing) - fresh)[0]}")
     if optimizer is None:
         return TrainState()
     optimizer_state.load(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     manifest_lib.restore_rng(manifest_lib.read(path)["rng"])
     return TrainState(**loaded["train_state"])
+
+
+def _fresh_if_absent(model_state: dict, path: Path) -> set[str]:
+    """State-dict keys in FRESH_IF_ABSENT whose tensors the checkpoint at `path` does not hold."""
+    candidates = {k for k in model_state if k.endswith(FRESH_IF_ABSENT)}
+    if not candidates:
+        return set()
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    return {k for k in candidates if getattr(model_state[k], "key", k) not in stored}
 
 
 class Checkpointer:

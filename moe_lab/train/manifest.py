@@ -115,6 +115,33 @@ def restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state(_unb64(states["cuda"]))
 
 
+# The config keys that decide which weights exist and their shapes: checkpoint.init_from may
+# change anything else (router, balancing losses, backend, ...), not these.
+WEIGHT_SHAPE_KEYS = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
+                     "model.num_query_groups", "model.ffn_hidden_size", "model.vocab_size",
+                     "model.qkv_bias", "model.tie_embeddings", "moe.num_experts",
+                     "moe.expert_ffn", "moe.shared_expert_ffn", "moe.shared_expert_gate",
+                     "moe.layer_freq")
+
+
+def check_weights_fit(directory: Path, cfg: ExperimentConfig) -> None:
+    """checkpoint.init_from: the source's weights must have this config's shapes. Checked when
+    the source has a manifest with its config (a Hugging Face import has none)."""
+    if not (Path(directory) / MANIFEST).is_file() or read(directory)["model_config"] is None:
+        return
+    saved = _flatten(read(directory)["model_config"])
+    config = to_dict(cfg)
+    now = _flatten({s: config[s] for s in MODEL_SECTIONS})
+    for key in WEIGHT_SHAPE_KEYS:
+        if key in now and saved.get(key) != now[key]:
+            upcycle = key == "moe.num_experts" and not saved.get(key)
+            raise CheckpointInvalid(
+                f"checkpoint.init_from: {key} is {saved.get(key)!r} in {directory} but "
+                f"{now[key]!r} in the config"
+                + (" (a dense checkpoint becomes an MoE with `moe-lab upcycle`, "
+                   "docs/upcycling.md)" if upcycle else ""))
+
+
 def _check_model(directory: Path, saved: dict, config: dict) -> None:
     for key, value in _flatten({s: config[s] for s in MODEL_SECTIONS}).items():
         old = _flatten(saved).get(key)

@@ -90,7 +90,7 @@ def preflight(run_dir: Path, cfg: ExperimentConfig) -> None:
     resume (or initialise) stops with one line. Raises CheckpointInvalid or FileNotFoundError."""
     resume = find_resumable(run_dir, cfg)
     if resume.path is None and cfg.checkpoint.init_from:
-        weights_source(Path(cfg.checkpoint.init_from))
+        manifest_lib.check_weights_fit(weights_source(Path(cfg.checkpoint.init_from)), cfg)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -3,9 +3,11 @@
 Run: pytest tests/launch
 """
 
+import argparse
+
 import pytest
 
-from moe_lab.launch.cli import build_parser
+from moe_lab.launch.cli import _all_subparsers, build_parser
 from moe_lab.launch.distributed import check_layout, detect_env
 from moe_lab import config as C
 from moe_lab.config import ConfigError
@@ -22,6 +24,23 @@ def test_command_names_are_frozen():
     assert {"--run-dir", "--stop-at-step"} <= train_options
 
 
+def test_every_command_and_option_has_a_one_line_help_and_every_command_an_example():
+    parser = build_parser()
+    for command in [parser, *_all_subparsers(parser)]:
+        assert command.epilog and "example" in command.epilog, f"{command.prog}: no example"
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{command.prog} {choice.dest}: no help"
+            else:
+                assert action.help, f"{command.prog} {action.option_strings or action.dest}"
+    top = run_cli(["--help"])
+    assert top.returncode == 0
+    for name in ("train", "sweep", "compare", "ui", "upcycle", "convert", "data", "bench"):
+        assert f"    {name} " in top.stdout
+    assert "bash scripts/demo.sh" in top.stdout
+
+
 def test_config_show_prints_resolved_config_and_derived_numbers():
     result = run_cli(["config", "show", "qwen1.5-moe-a2.7b", "parallel.ep=4"])
     assert result.returncode == 0, result.stderr
@@ -35,15 +54,35 @@ def test_config_show_prints_resolved_config_and_derived_numbers():
     (["train", TINY_MOE, "parallel.ep=3"], "parallel.ep: moe.num_experts 8 is not divisible"),
     (["train", TINY_MOE, "training.precision=bf16"], "training.precision: bf16 needs a GPU"),
     (["config", "show", "no-such-preset"], "no-such-preset: no such config file or preset"),
+    (["config", "show", TINY_MOE, "moe.router.name=top2"], "moe.router.name: unknown router"),
+    (["sweep", "no-such-sweep.yaml"], "no-such-sweep.yaml: no such sweep file"),
+    (["sweep", TINY_MOE], "a sweep file holds one mapping, `sweep:`"),
+    (["eval", "no-such-run"], "no-such-run: not a run directory"),
+    (["compare", "lr_demo"], "mlruns.db does not exist"),
+    (["ui", "--port", "99999"], "--port: must be 1-65535, got 99999"),
+    (["ui", "--uri", "no-such-dir/x.db"], "no-such-dir/x.db does not exist"),
+    (["data", "prepare", "--input", "no/*.jsonl", "--format", "jsonl", "--tokenizer", "t",
+      "--out", "d"], "--input: no file matches 'no/*.jsonl'"),
+    (["upcycle", "--from", "no-such-run", "--to", "out", "--method", "qwen2",
+      "--num-experts", "4", "--expert-ffn", "16", "--topk", "2"], "is not a directory"),
+    (["convert", "hf-to-mcore", "no-such-model", "out"], "no-such-model/config.json: not found"),
 ])
 def test_user_mistakes_are_one_line_without_traceback(args, expected, tmp_path):
     result = run_cli([*args[:2], *(["--run-dir", str(tmp_path / "r")] if args[0] == "train"
-                                   else []), *args[2:]])
+                                   else []), *args[2:]], cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path):
+    for args in (["--debug", "train", TINY_MOE, "model.hidden_sze=3"],
+                 ["train", TINY_MOE, "model.hidden_sze=3", "--debug"]):
+        result = run_cli([*args, "--run-dir", str(tmp_path / "r")])
+        assert result.returncode != 0
+        assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
 def test_layout_must_fit_the_world_before_any_process_group():

@@ -183,3 +183,25 @@ def test_same_seed_gives_the_same_tensors(world, qwen2_out, ep2_run):
     assert all(torch.equal(a[k], b[k]) for k in tensors)
     assert report["layers"][0]["experts"][3]["segments"][0]["copy"] == 0
     assert report["layers"][0]["experts"][3]["segments"][1]["copy"] == 1  # 3*40 .. 4*40 > 128
+
+
+def test_routers_with_an_expert_bias_start_from_an_upcycled_checkpoint(qwen2_out, tmp_path):
+    """The upcycled checkpoint has no expert bias (balancing state, not a weight): a run with
+    moe.router.expert_bias starts it at zero instead of failing on the missing tensor."""
+    out, _ = qwen2_out
+    result = run_cli(["train", str(out / "upcycled.yaml"), "--run-dir", str(tmp_path / "bias"),
+                      "moe.router.expert_bias=true", "moe.balance.aux=0",
+                      "training.max_steps=2", "optimizer.warmup_steps=0",
+                      "tracking.enabled=false", "checkpoint.enabled=false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"initialised weights from {out / 'checkpoints' / 'step_0000000'}" in result.stdout
+
+
+def test_a_dense_checkpoint_as_init_from_of_an_moe_is_refused_in_one_line(dense_run, tmp_path):
+    result = run_cli(["train", TINY_MOE, "--run-dir", str(tmp_path / "r"),
+                      f"checkpoint.init_from={dense_run}"])
+    assert result.returncode == 2 and not (tmp_path / "r").exists()
+    assert result.stderr.strip() == (
+        f"moe-lab: error: checkpoint.init_from: moe.num_experts is 0 in "
+        f"{dense_run / 'checkpoints' / 'step_0000004'} but 8 in the config (a dense checkpoint "
+        f"becomes an MoE with `moe-lab upcycle`, docs/upcycling.md)")

@@ -8,8 +8,13 @@ import json
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="prepare training data",
-                                 description="Tokenise text into megatron indexed datasets.")
+    data = subparsers.add_parser(
+        "data", help="prepare training data",
+        description="Tokenise text into megatron indexed datasets.",
+        epilog="examples:\n  moe-lab data builtin --out data/builtin\n"
+               "  moe-lab data prepare --input 'web/*.jsonl' --format jsonl "
+               "--tokenizer data/builtin/tokenizer --out data/web",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     _register_prepare(actions)
     _register_builtin(actions)
@@ -69,10 +74,12 @@ def run_prepare(args) -> int:
     from moe_lab.data.errors import DataError
     from moe_lab.data.prepare import prepare
     from moe_lab.launch.cli import UserError
+    from moe_lab.launch.progress import quiet
 
     try:
         stats = prepare(args.input, args.format, args.tokenizer, args.out,
-                        text_key=args.text_key, workers=args.workers, strict=args.strict)
+                        text_key=args.text_key, workers=args.workers, strict=args.strict,
+                        progress=False if quiet() else None)
     except DataError as err:
         raise UserError(str(err)) from None
     print(f"wrote {args.out}.bin, {args.out}.idx")
@@ -85,9 +92,11 @@ def run_builtin(args) -> int:
     from moe_lab.data.builtin import prepare_builtin
     from moe_lab.data.errors import DataError
     from moe_lab.launch.cli import UserError
+    from moe_lab.launch.progress import quiet
 
     try:
-        manifest = prepare_builtin(args.out, vocab_size=args.vocab_size, workers=args.workers)
+        manifest = prepare_builtin(args.out, vocab_size=args.vocab_size, workers=args.workers,
+                                   progress=False if quiet() else None)
     except DataError as err:
         raise UserError(str(err)) from None
     state = "already prepared" if manifest.get("already_prepared") else "built"

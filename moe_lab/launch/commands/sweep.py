@@ -1,4 +1,4 @@
-"""`moe-lab sweep SWEEP.yaml [--launcher {local,slurm}] [--max-parallel K] [--dry-run]`.
+"""`moe-lab sweep SWEEP.yaml [key=value ...] [--launcher {local,slurm}] [--max-parallel K]`.
 
 Order: read and check every member (unknown keys, empty grid, layout, router) -> find which
 members are finished or still running -> create the MLflow parent run -> launch the rest as local
@@ -12,7 +12,8 @@ import shlex
 from pathlib import Path
 
 EPILOG = """examples:
-  moe-lab sweep experiments/router_ablation.yaml --max-parallel 2
+  moe-lab sweep experiments/router_ablation_small.yaml --max-parallel 2
+  moe-lab sweep experiments/router_ablation.yaml training.max_steps=50   # every member shorter
   moe-lab sweep experiments/router_ablation.yaml --launcher slurm --gpus-per-node 8 \\
       --time 08:00:00 --partition gpu --max-parallel 4
   moe-lab sweep experiments/router_ablation.yaml --launcher slurm --gpus-per-node 8 \\
@@ -29,7 +30,10 @@ def register(subparsers) -> None:
                     "parent run with one child per member; finished members are skipped, so "
                     "the same command resumes an interrupted sweep.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (see interfaces.md)")
+    parser.add_argument("sweep", metavar="SWEEP.yaml",
+                        help="sweep file: base config, shared overrides, grid and/or members")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for every member, applied after the file's")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local processes, or one Slurm job array (default local)")
     parser.add_argument("--max-parallel", type=int, metavar="K",
@@ -37,6 +41,8 @@ def register(subparsers) -> None:
                              "default unthrottled)")
     parser.add_argument("--sweep-dir", help="where the member run directories go "
                                             "(default runs/sweeps/<sweep name>)")
+    parser.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS",
+                        help="local: a progress line per running member this often (default 15)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would run (the sbatch script for Slurm); change nothing")
     parser.add_argument("--wait", action="store_true",
@@ -53,7 +59,7 @@ def run(args) -> int:
     sweeps.mlflow_environment()
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UserError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
-    spec = load_sweep(args.sweep)
+    spec = load_sweep(args.sweep, args.overrides)
     resources = _resources(args)
     sweeps.check_members(spec, resources.world_size if resources else 1)
     sweep_dir = Path(args.sweep_dir or Path("runs") / "sweeps" / spec.name).resolve()
@@ -90,7 +96,7 @@ def run(args) -> int:
         for run in runs:
             print("moe-lab train " + shlex.join(run.train_args))
         return 0
-    code = sweeps.run_local(runs, args.max_parallel or 1)
+    code = sweeps.run_local(runs, args.max_parallel or 1, args.progress_every)
     _finish_parent_if_done(spec, sweep_dir, store, _member_states(spec, sweep_dir, store))
     return code
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    tracking = subparsers.add_parser("tracking", help="MLflow tracking chores",
-                                     description="MLflow tracking chores.")
+    tracking = subparsers.add_parser(
+        "tracking", help="MLflow tracking chores", description="MLflow tracking chores.",
+        epilog="example:\n  moe-lab tracking sync runs/tiny_moe    # upload what a run kept "
+               "while MLflow was away",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = tracking.add_subparsers(dest="tracking_command", required=True, metavar="ACTION")
     sync = actions.add_parser(
         "sync", help="upload RUN_DIR/mlflow_offline.jsonl to the run's MLflow store",

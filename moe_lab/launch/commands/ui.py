@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -30,6 +31,10 @@ def run(args) -> int:
     uri = resolve_uri(args.uri)
     if is_server(uri):
         raise UserError(f"--uri: {uri} is already a server; open it in a browser")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise UserError(f"--uri: the directory of {uri} does not exist")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port: must be 1-65535, got {args.port}")
     _check_port_free(args.port)
     url = f"http://127.0.0.1:{args.port}"
     print(f"starting the MLflow UI over {uri} ...", flush=True)
