@@ -19,8 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # (config and overrides, micro-batch size)
-GPU_SHAPE = (["qwen2-57b-a14b", "model.num_layers=4", "training.seq_length=4096",
-              "model.backend=torch", "training.precision=bf16"], 1)
+GPU_SHAPE = (["qwen2-57b-a14b", "training.seq_length=4096", "model.backend=torch",
+              "training.precision=bf16"], 1)
 CPU_SHAPE = ([str(REPO / "experiments" / "tiny_moe.yaml")], 2)
 
 
@@ -38,6 +38,7 @@ def run(name: str, nproc: int, overrides: list[str], shape: tuple, steps: int, o
         micro_batches: int) -> dict:
     """Same micro-batch size and micro-batches per data-parallel rank in every layout."""
     run_dir = out / name
+    out.mkdir(parents=True, exist_ok=True)
     config_args, mbs = shape
     dp = nproc // _model_parallel(overrides)
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -47,6 +48,7 @@ def run(name: str, nproc: int, overrides: list[str], shape: tuple, steps: int, o
             f"training.global_batch_size={mbs * micro_batches * dp}", "optimizer.warmup_steps=0"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
+        (out / f"{name}.stderr.txt").write_text(result.stderr)
         return {"layout": name, "ranks": nproc, "error": result.stderr.strip().splitlines()[-1]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = rows[len(rows) // 3:]
@@ -69,11 +71,14 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, required=True, help="GPUs (or CPU ranks) to use")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model, gloo, on the CPU")
     parser.add_argument("--steps", type=int, default=12, help="steps per run")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="GPU shape: layers of Qwen2-57B-A14B to keep (as many as fit)")
     parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per DP rank")
     parser.add_argument("--out", default="runs/scaling", help="run directories and results.json")
     args = parser.parse_args()
     out = Path(args.out)
-    shape = CPU_SHAPE if args.cpu_dry_run else GPU_SHAPE
+    shape = CPU_SHAPE if args.cpu_dry_run else (
+        [*GPU_SHAPE[0], f"model.num_layers={args.layers}"], GPU_SHAPE[1])
     results = [run(name, n, o, shape, args.steps, out, args.micro_batches)
                for name, (n, o) in layouts(args.ranks).items()]
     base = results[0].get("tokens_per_s")
