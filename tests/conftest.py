@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from moe_lab.testing import run_cli
 REPO = Path(__file__).resolve().parents[1]
 TINY_MOE = str(REPO / "experiments" / "tiny_moe.yaml")
 TINY_DENSE = str(REPO / "experiments" / "tiny_dense.yaml")
+
+
+def pytest_configure(config):
+    # Started from a background job without job control (`cmd &` in a script), pytest inherits
+    # SIGINT ignored, and so would every process the tests start: the Ctrl-C tests (data
+    # prepare, moe-lab ui, the README's demo) would see their SIGINT dropped. A handler is
+    # reset to the default at exec, an ignored signal is not.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ With fewer steps than the README's run (the members' `training.max_steps` and in
 overridden on its command line), interrupted with Ctrl-C once the first checkpoints exist and run
 again, as the README promises. CI's cached environment is reused (MOE_LAB_EDITABLE=0 keeps it
 pointing at the CI checkout; the clone's code runs through PYTHONPATH, which demo.sh sets).
-About two minutes on 2 cores.
+About two minutes on 2 cores; tests/launch/test_tutorial.py then uses the same clone.
 
 Run: pytest tests/launch/test_first_run.py
 """
@@ -15,25 +15,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
-
-import pytest
 
 from ..conftest import REPO
 
 SMALL = ["training.max_steps=40", "training.eval_interval=10", "checkpoint.interval=10",
          "optimizer.warmup_steps=5", "--progress-every", "1"]
 ROUTERS = {"softmax_aux", "softmax_bias", "sinkhorn"}
-
-
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    if not (REPO / ".venv" / "bin" / "python").exists():
-        pytest.fail("no .venv: run scripts/setup.sh (scripts/test.sh does) before the tests")
-    path = tmp_path_factory.mktemp("first_run") / "moe-lab"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(path)], check=True)
-    return path
 
 
 def _demo(clone: Path) -> subprocess.Popen:

@@ -1,5 +1,5 @@
 """docs/tutorial.md, run as written: every `.venv/bin/moe-lab` command of its bash blocks, in order,
-in an empty directory (experiments/ linked in), with fewer steps appended to `train` and `sweep`.
+in a fresh clone of the repository, with fewer steps appended to `train` and `sweep`.
 `moe-lab ui` (a server that runs until Ctrl-C) is left out; it has its own tests.
 
 Run: pytest tests/launch/test_tutorial.py
@@ -27,18 +27,17 @@ def tutorial_commands() -> list[list[str]]:
     return commands
 
 
-def test_the_tutorial_commands_run_and_compare_four_members(tmp_path):
+def test_the_tutorial_commands_run_and_compare_four_members(clone):
     commands = tutorial_commands()
     assert [c[0] for c in commands] == ["data", "train", "upcycle", "sweep", "compare", "ui"]
-    (tmp_path / "experiments").symlink_to(REPO / "experiments")
     for args in commands[:-1]:
         extra = FEWER_STEPS if args[0] in ("train", "sweep") else []
-        result = run_cli([*args, *extra], cwd=tmp_path, timeout=900)
+        result = run_cli([*args, *extra], cwd=clone, timeout=900)
         assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-3000:])
     table = [line for line in result.stdout.splitlines() if "FINISHED" in line]
     assert len(table) == 4 and all("| 20 |" in line for line in table), result.stdout
-    assert (tmp_path / "compare" / "upcycled_router_ablation" / "report.html").is_file()
-    members = tmp_path / "runs" / "sweeps" / "upcycled_router_ablation"
+    assert (clone / "compare" / "upcycled_router_ablation" / "report.html").is_file()
+    members = clone / "runs" / "sweeps" / "upcycled_router_ablation"
     started_from = {log.parent.name.rsplit("-", 1)[0]: "initialised weights from" in
                     log.read_text() for log in members.glob("*/train.log")}
     assert started_from == {"scratch_softmax_aux": False, "upcycled_softmax_aux": True,
