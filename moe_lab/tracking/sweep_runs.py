@@ -9,11 +9,11 @@ its latest checkpoint (RUN_DIR/checkpoints/latest) is at max_steps.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lab.config import ExperimentConfig
+from moe_lab.tracking import store as mlflow_store
 
 # Members' runs carry `sweep_id` and `mlflow.parentRunId` (set by the MLflow sink from
 # tracking.sweep_id / tracking.parent_run_id); the parent carries the same `sweep_id`.
@@ -30,28 +30,16 @@ class Store:
     uri: str
     experiment: str
 
-    @property
-    def artifact_location(self) -> str | None:
-        """A sqlite store keeps artifacts beside the database, in mlartifacts/<experiment>."""
-        if not self.uri.startswith("sqlite:///"):
-            return None
-        root = Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts"
-        return (root / (re.sub(r"[^A-Za-z0-9._-]+", "_", self.experiment).strip("_")
-                        or "experiment")).as_uri()
-
 
 def store_for(cfg: ExperimentConfig, experiment: str, cwd: Path) -> Store:
     """The same store the members' runs will use: tracking.uri, else <cwd>/mlruns.db."""
-    uri = cfg.tracking.uri or f"sqlite:///{Path(cwd).resolve() / 'mlruns.db'}"
-    if "://" not in uri and not uri.startswith("sqlite:"):  # a bare path is a sqlite file
-        uri = f"sqlite:///{(Path(cwd) / uri).resolve()}"
-    return Store(uri, experiment)
+    return Store(mlflow_store.resolve_uri(cfg.tracking.uri, Path(cwd)), experiment)
 
 
 def ensure_parent_run(store: Store, sweep_id: str, sweep_name: str, description: dict) -> str:
     """The id of the sweep's parent run: found by its tags, else created (status RUNNING)."""
     client = _client(store.uri)
-    experiment_id = _experiment_id(client, store)
+    experiment_id = mlflow_store.experiment_id(client, store.uri, store.experiment)
     found = client.search_runs(
         [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
         filter_string=f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_ROLE}` = "
@@ -109,15 +97,5 @@ def _mlflow_finished(uri: str, run_id: str, max_steps: int) -> bool:
     return max((m.step for m in history), default=0) >= max_steps
 
 
-def _experiment_id(client, store: Store) -> str:
-    experiment = client.get_experiment_by_name(store.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(store.experiment, artifact_location=store.artifact_location)
-
-
 def _client(uri: str):
-    # The caller (launch/) has switched MLflow's telemetry off in the environment.
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_store.MlflowClient(tracking_uri=uri)
