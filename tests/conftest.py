@@ -43,3 +43,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                       "optimizer.warmup_steps=0", "tracking.enabled=false"])
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A one-rank gloo world with megatron's parallel state, for in-process model tests (each
+    test module gets its own)."""
+    from moe_lab import config as C
+    from moe_lab.compat import enable_cpu_compat
+    from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
+
+    enable_cpu_compat()
+    init_distributed(C.load(TINY_MOE), detect_env({}), use_gpu=False)
+    yield
+    shutdown_distributed()

@@ -127,9 +127,12 @@ WEIGHT_SHAPE_KEYS = ("model.num_layers", "model.hidden_size", "model.num_attenti
 def check_weights_fit(directory: Path, cfg: ExperimentConfig) -> None:
     """checkpoint.init_from: the source's weights must have this config's shapes. Checked when
     the source has a manifest with its config (a Hugging Face import has none)."""
-    if not (Path(directory) / MANIFEST).is_file() or read(directory)["model_config"] is None:
+    if not (Path(directory) / MANIFEST).is_file():
         return
-    saved = _flatten(read(directory)["model_config"])
+    model_config = read(directory)["model_config"]
+    if model_config is None:
+        return
+    saved = _flatten(model_config)
     config = to_dict(cfg)
     now = _flatten({s: config[s] for s in MODEL_SECTIONS})
     for key in WEIGHT_SHAPE_KEYS:

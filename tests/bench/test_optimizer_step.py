@@ -11,7 +11,6 @@ import torch
 
 from moe_lab import config as C
 from moe_lab.data import SyntheticTokens
-from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
 from moe_lab.train import optim
 from moe_lab.train.loop import build_training
 from moe_lab.train.step import Trainer
@@ -21,16 +20,6 @@ from ..conftest import TINY_MOE
 # clip_grad below the gradient norms seen, so that clipping acts on every step. (The layer
 # count stays tiny_moe's: megatron's MoE metrics tracker is process-global and sized by it.)
 OVERRIDES = ["tracking.enabled=false", "optimizer.clip_grad=0.3", "optimizer.warmup_steps=0"]
-
-
-@pytest.fixture(scope="module")
-def world():
-    from moe_lab.compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    init_distributed(C.load(TINY_MOE), detect_env({}), use_gpu=False)
-    yield
-    shutdown_distributed()
 
 
 def _train(fused: bool, steps: int = 4):

@@ -1,14 +1,12 @@
-"""Fixtures for router tests: a world of one (gloo, CPU compatibility layer) and routers built
-exactly as megatron's MoELayer builds them."""
+"""Helpers for router tests: routers built exactly as megatron's MoELayer builds them (the world of
+one they run in is tests/conftest.py's `world` fixture)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from moe_lab import config as C
-from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
 from moe_lab.model import build_transformer_config
 from moe_lab.routers import resolve_router
 
@@ -16,16 +14,6 @@ from ..conftest import TINY_MOE
 
 HIDDEN = 64  # tiny_moe.yaml's hidden_size
 EXPERTS = 8
-
-
-@pytest.fixture(scope="module")
-def world():
-    from moe_lab.compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    init_distributed(C.load(TINY_MOE), detect_env({}), use_gpu=False)
-    yield
-    shutdown_distributed()
 
 
 def tiny_cfg(name: str, *overrides: str, **params):

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from moe_lab import config as C
-from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
 from moe_lab.testing import run_cli, run_distributed
 from moe_lab.tracking import read_metrics
 from moe_lab.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -27,16 +26,6 @@ from ..conftest import TINY_MOE
 
 QWEN2 = ["--method", "qwen2", "--num-experts", "8", "--expert-ffn", "40", "--topk", "2",
          "--shared-ffn", "64", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def world():
-    from moe_lab.compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    init_distributed(C.load(TINY_MOE), detect_env({}), use_gpu=False)
-    yield
-    shutdown_distributed()
 
 
 def upcycle(dense_run, out, *flags):
