@@ -198,6 +198,10 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
     recompute: Literal["none", "selective", "full"] = "none"
+    # The LM loss: `fused_linear` (output layer + cross-entropy in token chunks, no logits
+    # tensor; model/lm_loss.py), `megatron` (megatron-core's logits then vocab-parallel
+    # cross-entropy) or `auto` (fused_linear when parallel.tp == 1, else megatron).
+    cross_entropy: Literal["auto", "fused_linear", "megatron"] = "auto"
     peak_tflops: float = 989.0  # per GPU, for throughput/mfu (H100/H200 dense bf16)
     # A NaN/Inf loss or grad norm: `stop` (save the last good state, exit 3) or `skip` the update.
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -213,6 +217,7 @@ class TrainingConfig:
         _one_of("training.fp8_recipe", self.fp8_recipe,
                 ("tensorwise", "delayed", "blockwise", "mxfp8"))
         _one_of("training.recompute", self.recompute, ("none", "selective", "full"))
+        _one_of("training.cross_entropy", self.cross_entropy, ("auto", "fused_linear", "megatron"))
         _one_of("training.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
 
@@ -360,6 +365,15 @@ class ExperimentConfig:
         _require(self.optimizer.warmup_steps < self.training.max_steps, "optimizer.warmup_steps",
                  f"{self.optimizer.warmup_steps} must be below training.max_steps "
                  f"{self.training.max_steps}")
+        _require(self.training.cross_entropy != "fused_linear" or p.tp == 1,
+                 "training.cross_entropy", f"fused_linear needs parallel.tp=1 (the output layer "
+                 f"is split over the vocabulary with tp={p.tp}); use auto or megatron")
         if m.backend != "te":
             _require(self.training.precision != "fp8", "training.precision",
                      "fp8 needs model.backend=te (Transformer Engine)")
+
+    @property
+    def fused_cross_entropy(self) -> bool:
+        """Whether the LM loss runs through model/lm_loss.py (training.cross_entropy)."""
+        choice = self.training.cross_entropy
+        return choice == "fused_linear" or (choice == "auto" and self.parallel.tp == 1)

@@ -17,7 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from moe_lab.data import build_data_source
 from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import load_checkpoint
-from moe_lab.train.step import _forward_step
+from moe_lab.train.step import forward_step_func
 
 
 def validation_loss(cfg, model, data) -> float:
@@ -29,7 +29,7 @@ def validation_loss(cfg, model, data) -> float:
     try:
         with torch.no_grad():
             outputs = get_forward_backward_func()(
-                forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+                forward_step_func=forward_step_func(cfg), data_iterator=iter(batches), model=[model],
                 num_microbatches=len(batches), seq_length=cfg.training.seq_length,
                 micro_batch_size=cfg.training.micro_batch_size, forward_only=True)
     finally:

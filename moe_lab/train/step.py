@@ -12,6 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 from torch.profiler import record_function
 
+from moe_lab.model.lm_loss import fused_lm_loss
 from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
 from moe_lab.train import optim
 from moe_lab.train.guard import check_before_update
@@ -28,14 +29,21 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, count, {"lm": torch.stack([total.detach(), count.detach().float()])}
 
 
-def _forward_step(data_iterator, model):
+def forward_step_func(cfg):
+    """megatron's forward_step_func for this config (training and validation)."""
+    return partial(_forward_step, fused_lm_loss if cfg.fused_cross_entropy else None)
+
+
+def _forward_step(output_processor, data_iterator, model):
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
     device = next(model.parameters()).device
     tokens, labels = tokens.to(device), labels.to(device)
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, positions, None, labels=labels)
-    return output, partial(_loss_func, torch.ones_like(labels, dtype=torch.float))
+    loss_mask = torch.ones_like(labels, dtype=torch.float)
+    output = model(tokens, positions, None, labels=labels, loss_mask=loss_mask,
+                   output_processor=output_processor)
+    return output, partial(_loss_func, loss_mask)
 
 
 class Trainer:
@@ -45,6 +53,7 @@ class Trainer:
         self.cfg, self.config = cfg, config
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.forward_backward = get_forward_backward_func()
+        self.forward_step = forward_step_func(cfg)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.moe_pattern = cfg.moe.moe_layers(cfg.model.num_layers)
@@ -65,7 +74,7 @@ class Trainer:
             self.optimizer.zero_grad()
         with record_function("phase:forward_backward"):
             outputs = self.forward_backward(
-                forward_step_func=_forward_step,
+                forward_step_func=self.forward_step,
                 data_iterator=iter(batches),
                 model=[self.model],
                 num_microbatches=len(batches),

@@ -1,0 +1,115 @@
+"""The language-model loss with the output layer and cross-entropy fused (training.cross_entropy).
+
+megatron-core computes the logits [tokens, vocab] with the output layer, upcasts them to fp32 and
+takes the cross-entropy in several passes; with Qwen's 151,936-token vocabulary that tensor is the
+largest of the step (10 GB at 16k tokens) and the passes over it cost as much GPU time as the
+output layer's three GEMMs. Here the tokens go through in chunks: for each chunk the logits GEMM,
+one fused pass (compiled on the GPU) that gives the loss and softmax - one-hot, then the gradient
+GEMMs right away, so no logits tensor outlives its chunk. Plugged in through GPTModel's
+`output_processor` hook; the output layer's weight and its checkpoint key stay megatron's.
+
+The weight gradient sums over tokens, so forward must know how the caller weights each token's
+loss: it weights them by `loss_mask` (ones when absent), and backward scales by the one factor
+the caller applied on top. That holds for moe-lab's loss (sum of masked token losses over a token
+count); the hidden-state gradient is exact for any upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Tokens per chunk so that one chunk's logits hold about this many elements (1 GiB in bf16).
+_CHUNK_ELEMENTS = 2**29
+
+
+def fused_lm_loss(*, hidden_states, output_layer, output_weight, labels, loss_mask=None,
+                  config=None, **_):
+    """GPTModel output_processor: [s, b, h] hidden states -> [b, s] fp32 token losses."""
+    weight = output_layer.weight if output_weight is None else output_weight
+    if labels is None:
+        raise ValueError("training.cross_entropy=fused_linear computes a loss; it needs labels")
+    s, b, h = hidden_states.shape
+    labels_sb = labels.t().reshape(-1)  # token order of the flattened [s, b] hidden states
+    mask = (torch.ones_like(labels_sb, dtype=torch.float32) if loss_mask is None
+            else loss_mask.t().reshape(-1).float())
+    loss = LinearCrossEntropy.apply(hidden_states.reshape(s * b, h), weight, labels_sb, mask)
+    return loss.view(s, b).t()
+
+
+def linear_cross_entropy_reference(hidden, weight, labels):
+    """The unfused computation, for tests: fp32 cross-entropy of hidden @ weight.T."""
+    return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), labels,
+                                             reduction="none")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if want_weight else None)
+        loss_and_grad = _chunk_kernel(hidden.is_cuda)
+        for start in range(0, n, chunk_size(n, vocab)):
+            end = min(n, start + chunk_size(n, vocab))
+            h = hidden[start:end]
+            logits = h @ weight.t()
+            if not (want_hidden or want_weight):
+                loss[start:end] = _loss_only(logits, labels[start:end])
+                continue
+            loss[start:end], grad_logits = loss_and_grad(logits, labels[start:end])
+            del logits
+            if want_hidden:
+                grad_hidden[start:end] = grad_logits @ weight
+            if want_weight:
+                weighted = h * mask[start:end, None].to(h.dtype)
+                grad_weight += grad_logits.t() @ weighted
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None
+                              else grad_weight.to(weight.dtype), mask)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, mask = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss[:, None].to(grad_hidden.dtype)
+        if grad_weight is not None:
+            # The caller's factor on the masked tokens (see the module docstring).
+            scale = (grad_loss * mask).sum() / mask.sum().clamp(min=1.0)
+            grad_weight = grad_weight * scale.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunk_size(tokens: int, vocab: int) -> int:
+    chunks = max(1, -(-tokens * vocab // _CHUNK_ELEMENTS))
+    return -(-tokens // chunks)
+
+
+def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor):
+    """Token losses (fp32) and d loss / d logits = softmax - one-hot (in the logits' dtype)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(1, labels[:, None]).squeeze(1)
+    one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
+    grad = torch.exp(x - lse[:, None]) - one_hot.float()
+    return loss, grad.to(logits.dtype)
+
+
+def _loss_only(logits, labels):
+    x = logits.float()
+    return torch.logsumexp(x, dim=-1) - x.gather(1, labels[:, None]).squeeze(1)
+
+
+_compiled = None
+
+
+def _chunk_kernel(cuda: bool):
+    """On the GPU, one compiled kernel per chunk instead of ~6 passes over fp32 logits."""
+    global _compiled
+    if not cuda:
+        return _loss_and_grad
+    if _compiled is None:
+        _compiled = torch.compile(_loss_and_grad, dynamic=False)
+    return _compiled
