@@ -11,17 +11,22 @@ from moe_lab.testing import run_cli
 from ..conftest import TINY_MOE
 
 
+# the last one with an override of its own (megatron's unfused loss instead of the default)
+NAMES = ["hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32",
+         "mcore_torch_fp32+training.cross_entropy=megatron"]
+
+
 def test_bench_times_transformers_and_moe_lab_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli(["bench", "--preset", TINY_MOE, "--layers", "2", "--seq", "32", "--mbs", "2",
-                      "--variants", "hf_grouped_fp32,mcore_local_fp32,mcore_torch_fp32",
-                      "--warmup", "1", "--steps", "2", "--out", str(out)])
+                      "--variants", ",".join(NAMES), "--warmup", "1", "--steps", "2",
+                      "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("| variant |")[1]
-    for name in ("hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32"):
+    for name in NAMES:
         assert f"| {name} |" in table
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32"]
+    assert [r["name"] for r in rows] == NAMES
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in rows)
 
 
@@ -29,6 +34,9 @@ def test_unknown_variant_is_one_line():
     result = run_cli(["bench", "--variants", "mcore_fast_bf16"])
     assert result.returncode == 2
     assert result.stderr.strip() == "moe-lab: error: --variants: unknown variant 'mcore_fast_bf16'"
+    result = run_cli(["bench", "--variants", "mcore_torch_bf16+training.cross_entropy=fast"])
+    assert result.returncode == 2
+    assert "training.cross_entropy" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_profile_writes_kernel_classes_per_variant(tmp_path):

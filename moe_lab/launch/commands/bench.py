@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mbs", type=int, default=1, help="micro-batch size (sequences)")
     parser.add_argument("--variants", "--backends", default=DEFAULT_VARIANTS,
                         help="comma list of hf_eager, hf_grouped_bf16, hf_grouped_fp32, "
-                             "mcore_{local,te,torch}_{fp32,bf16,fp8}")
+                             "mcore_{local,te,torch}_{fp32,bf16,fp8}; '+key=value' after a "
+                             "name gives that variant its own overrides, e.g. "
+                             "mcore_torch_bf16+training.cross_entropy=megatron")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
@@ -58,22 +60,31 @@ def run(args) -> int:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in hf.VARIANTS and not mcore.is_variant(v):
-            raise UserError(f"--variants: unknown variant {v!r}")
+        kind = v.split("+")[0]
+        if kind not in hf.VARIANTS and not mcore.is_variant(kind):
+            raise UserError(f"--variants: unknown variant {kind!r}")
     # Under torchrun every rank runs the moe-lab variants in the given layout (e.g.
     # parallel.ep=2), one micro-batch per data-parallel rank; transformers runs on one GPU only.
     env = detect_env()
     if env.world_size > 1 and any(v in hf.VARIANTS for v in variants):
         raise UserError("--variants: transformers baselines run in a world of one process; "
                         "under torchrun bench mcore_* variants only")
-    cfg = config_lib.load(args.preset, [
-        f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
-        f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
-        "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides])
-    dp = cfg.parallel.data_parallel_size(env.world_size)
-    cfg = dataclasses.replace(cfg, training=dataclasses.replace(
-        cfg.training, global_batch_size=args.mbs * dp))
-    check_layout(cfg, env.world_size)
+    base = [f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
+            f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
+            "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides]
+    # A variant may carry its own overrides after '+' (mcore_torch_bf16+moe.topk=8): every
+    # config is loaded and checked before the first model is built.
+    configs = {}
+    for v in variants:
+        cfg = config_lib.load(args.preset, base + v.split("+")[1:])
+        dp = cfg.parallel.data_parallel_size(env.world_size)
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+            cfg.training, global_batch_size=args.mbs * dp))
+        check_layout(cfg, env.world_size)
+        configs[v] = cfg
+    if len({c.parallel for c in configs.values()}) > 1:
+        raise UserError("--variants: all variants run in one parallel layout; set parallel.* "
+                        "as a command-line override, not per variant")
     cuda = torch.cuda.is_available()
     if not cuda:
         from moe_lab.compat import enable_cpu_compat
@@ -82,17 +93,18 @@ def run(args) -> int:
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     init_distributed(cfg, env, use_gpu=cuda)
     lead = env.rank == 0
-    flops = config_lib.derive(cfg).flops_per_token
-    tokens = args.mbs * args.seq * dp  # per step, all ranks
+    tokens = args.mbs * args.seq * dp  # per step, all ranks (one layout for all variants)
     peak = args.peak_tflops * env.world_size
     rows = []
     try:
         for variant in variants:
-            module = hf if variant in hf.VARIANTS else mcore
+            kind, cfg = variant.split("+")[0], configs[variant]
+            module = hf if kind in hf.VARIANTS else mcore
             step = parts = None
             try:
-                step, parts = module.build_step(cfg, variant, device)
+                step, parts = module.build_step(cfg, kind, device)
                 timing = measure(step, warmup=args.warmup, steps=args.steps)
+                flops = config_lib.derive(cfg).flops_per_token
                 rows.append(make_row(variant, timing, tokens, flops, peak))
                 if args.profile:
                     _profile(args.profile, variant, step, parts[0], timing, env, lead)
