@@ -8,7 +8,13 @@
 #  ablate        one mcore_torch_bf16 model per mbs, timed with megatron's own optimizer step
 #                (foreach AdamW, per-tensor norm and clipping fallbacks), then with moe-lab's
 #                fused step (train/optim.py), then + megatron's native fused cross-entropy;
-#  pytest        pytest tests/gpu (numerics and two-GPU layouts), reports as JSON.
+#  pytest        pytest tests/gpu (numerics and two-GPU layouts), reports as JSON;
+#  lmloss        pytest tests/gpu/test_lm_loss.py only (fused LM loss against the unfused one);
+#  A1 A4 A8 B1 B2  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
+#                mbs 2, shape B (Qwen2-57B-A14B layers, 2 layers: 4 do not fit one H200 with
+#                fp32 master weights) at mbs 1 and 2; variants $MATRIX (default: transformers
+#                pure bf16 and fp32 master, the torch backend with the fused LM loss and with
+#                megatron's unfused one).
 # Everything lands in ${OUT}/results.tgz (refreshed after each stage) and the logs beside it.
 set -uo pipefail
 out=${OUT:-/tmp/moe-lab-prof}
@@ -23,6 +29,11 @@ quiet() { grep -v -i "warn\|_warn_once\|^  warnings\.\|^$" ; }
 A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
 variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
+matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
+bench() {  # stage name, timeout, bench arguments...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m moe_lab bench "$@" --out "$res/bench_$name.json" 2>&1 | quiet > "$res/$name.log"
+}
 
 for stage in $stages; do
   start=$(date +%s)
@@ -104,6 +115,16 @@ for mbs in (1, 4):
 json.dump(results, open("/tmp/moe-lab-prof-results/ablation.json", "w"), indent=1)
 shutdown_distributed()
 EOF
+    ;;
+  A1) bench A1 200 "${A[@]}" --mbs 1 --variants "$matrix" ;;
+  A4) bench A4 240 "${A[@]}" --mbs 4 --variants "$matrix" ;;
+  A8) bench A8 240 --preset qwen1.5-moe-a2.7b --layers 8 --seq 4096 --mbs 2 \
+        --variants "${MATRIX8:-hf_grouped_bf16,mcore_torch_bf16}" ;;
+  B1|B2) bench "$stage" 300 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs "${stage#B}" \
+        --variants "${MATRIXB:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}" ;;
+  lmloss)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_lm_loss.py \
+      -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   pytest)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 480 python3 -m pytest tests/gpu -q -s \
