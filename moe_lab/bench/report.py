@@ -44,3 +44,8 @@ def render(rows: list[BenchRow]) -> str:
 
 def to_json(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def from_json(rows: list[dict]) -> list[BenchRow]:
+    return [BenchRow(**(r | {"timing": StepTiming(**r["timing"]) if r["timing"] else None}))
+            for r in rows]

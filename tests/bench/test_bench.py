@@ -58,3 +58,21 @@ def test_profile_writes_kernel_classes_per_variant(tmp_path):
         assert "| class | GPU ms/step |" in (folder / f"{name}.md").read_text()
     assert "grad accumulation (main_grad)" in json.loads(
         (folder / "mcore_torch_fp32.json").read_text())["class_ms_per_step"]
+
+
+def test_a_variant_runs_in_a_child_process(tmp_path, capsys):
+    """On one GPU each variant runs in a fresh `moe-lab bench --in-process` child (megatron's
+    C++ gradient hooks keep a finished model's memory); here the child path on the CPU."""
+    from moe_lab.launch.commands.bench import _child_rows
+    from moe_lab.launch.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--preset", TINY_MOE, "--layers", "2", "--seq",
+                                      "32", "--mbs", "2", "--warmup", "1", "--steps", "1",
+                                      "training.cross_entropy=megatron"])
+    rows = _child_rows(args, "mcore_torch_fp32")
+    assert [r.name for r in rows] == ["mcore_torch_fp32"]
+    assert rows[0].error is None and rows[0].tokens_per_s > 0 and rows[0].timing.wall_ms > 0
+    printed = capsys.readouterr().out
+    assert "mcore_torch_fp32: " in printed and "| variant |" not in printed
+    rows = _child_rows(args, "mcore_torch_fp32+moe.topk=99")
+    assert rows[0].error and rows[0].tokens_per_s == 0

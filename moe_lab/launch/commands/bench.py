@@ -40,6 +40,10 @@ def register(subparsers) -> None:
                              "write DIR/<variant>.md and .json: top CUDA kernels, GPU time per "
                              "class (expert GEMM, attention, optimizer, dispatch, ...), host "
                              "time blocked in CUDA syncs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every variant in this process (always so on the CPU and under "
+                             "torchrun); by default, on one GPU, each variant runs in a child "
+                             "process of its own, so that none starts with another's GPU memory")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="further config overrides, e.g. moe.topk=8")
     parser.set_defaults(handler=run)
@@ -52,7 +56,7 @@ def run(args) -> int:
 
     from moe_lab import config as config_lib
     from moe_lab.bench import hf, mcore
-    from moe_lab.bench.report import BenchRow, make_row, render, to_json
+    from moe_lab.bench.report import BenchRow, make_row
     from moe_lab.bench.timing import measure
     from moe_lab.launch.cli import UserError
     from moe_lab.launch.distributed import (check_layout, detect_env, init_distributed,
@@ -86,6 +90,12 @@ def run(args) -> int:
         raise UserError("--variants: all variants run in one parallel layout; set parallel.* "
                         "as a command-line override, not per variant")
     cuda = torch.cuda.is_available()
+    if cuda and env.world_size == 1 and len(variants) > 1 and not args.in_process:
+        # megatron's DDP hooks its gradient accumulators from C++, which keeps a model and its
+        # optimizer alive after use: a second moe-lab variant in one process would start with
+        # the first one's ~50 GB.
+        rows = [row for v in variants for row in _child_rows(args, v)]
+        return _finish(args, rows, torch.cuda.get_device_name(), "")
     if not cuda:
         from moe_lab.compat import enable_cpu_compat
 
@@ -125,13 +135,43 @@ def run(args) -> int:
         return 0 if all(r.error is None for r in rows) else 1
     name = torch.cuda.get_device_name() if cuda else "CPU"
     where = f", {env.world_size} ranks ({_layout(cfg)}), MFU per GPU" if env.world_size > 1 else ""
-    print(f"\n{args.preset}, {args.layers} layers, seq {args.seq}, mbs {args.mbs}, {name}{where}")
+    return _finish(args, rows, name, where, env.world_size)
+
+
+def _finish(args, rows, device_name: str, where: str, world_size: int = 1) -> int:
+    from moe_lab.bench.report import render, to_json
+
+    print(f"\n{args.preset}, {args.layers} layers, seq {args.seq}, mbs {args.mbs}, "
+          f"{device_name}{where}")
     print(render(rows))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args) | {"handler": None},
-                                              "device": name, "world_size": env.world_size,
+                                              "device": device_name, "world_size": world_size,
                                               "rows": to_json(rows)}, indent=1))
     return 0 if all(r.error is None for r in rows) else 1
+
+
+def _child_rows(args, variant: str) -> list:
+    """Bench one variant in a fresh `moe-lab bench --in-process` child; its row(s)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from moe_lab.bench.report import BenchRow, from_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "moe_lab", "bench", "--in-process", "--preset", args.preset,
+               "--layers", str(args.layers), "--seq", str(args.seq), "--mbs", str(args.mbs),
+               "--variants", variant, "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--peak-tflops", str(args.peak_tflops), "--out", str(out),
+               *(["--profile", args.profile] if args.profile else []), *args.overrides]
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        # its progress line (and profile), not its one-row table
+        print(result.stdout.split(f"\n{args.preset}, {args.layers} layers")[0].strip(), flush=True)
+        if out.exists():
+            return from_json(json.loads(out.read_text())["rows"])
+        return [BenchRow(variant, 0, 0, 0, None, error=f"child process exited {result.returncode}")]
 
 
 def _profile(folder, variant, step, model, timing, env, lead) -> None:
