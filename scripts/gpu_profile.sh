@@ -122,6 +122,21 @@ EOF
         --variants "${MATRIX8:-hf_grouped_bf16,mcore_torch_bf16}" ;;
   B1|B2) bench "$stage" 300 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs "${stage#B}" \
         --variants "${MATRIXB:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}" ;;
+  profB2) timeout 300 python3 -m moe_lab bench --preset qwen2-57b-a14b --layers 2 --seq 4096 \
+        --mbs 2 --variants "$variants" --out "$res/bench_profB2.json" --profile "$res/prof_B2" \
+        2>&1 | quiet > "$res/$stage.log" ;;
+  ce_curve)  # the fused LM loss and megatron's over 60 training steps, same data and weights
+    for ce in fused_linear megatron; do
+      timeout 150 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/ce_$ce" \
+        model.num_layers=2 model.backend=torch training.precision=bf16 training.seq_length=4096 \
+        training.micro_batch_size=1 training.global_batch_size=4 training.max_steps=60 \
+        training.log_interval=10 training.cross_entropy=$ce checkpoint.enabled=false \
+        tracking.enabled=false 2>&1 | quiet > "$res/ce_$ce.log"
+    done ;;
+  gpu1)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest tests/gpu/test_backends.py \
+      -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
+    ;;
   lmloss)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_lm_loss.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
