@@ -10,9 +10,12 @@
 #                fused step (train/optim.py), then + megatron's native fused cross-entropy;
 #  pytest        pytest tests/gpu (numerics and two-GPU layouts), reports as JSON;
 #  lmloss        pytest tests/gpu/test_lm_loss.py only (fused LM loss against the unfused one);
-#  A1 A4 A8 B1 B2  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
+#  gpu1          pytest tests/gpu/test_backends.py (one GPU: torch backend against local in bf16);
+#  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
+#  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
+#  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
 #                mbs 2, shape B (Qwen2-57B-A14B layers, 2 layers: 4 do not fit one H200 with
-#                fp32 master weights) at mbs 1 and 2; variants $MATRIX (default: transformers
+#                fp32 master weights) at mbs 1, 2, 4 or 8; variants $MATRIX (default: transformers
 #                pure bf16 and fp32 master, the torch backend with the fused LM loss and with
 #                megatron's unfused one).
 # Everything lands in ${OUT}/results.tgz (refreshed after each stage) and the logs beside it.
@@ -120,7 +123,7 @@ EOF
   A4) bench A4 240 "${A[@]}" --mbs 4 --variants "$matrix" ;;
   A8) bench A8 240 --preset qwen1.5-moe-a2.7b --layers 8 --seq 4096 --mbs 2 \
         --variants "${MATRIX8:-hf_grouped_bf16,mcore_torch_bf16}" ;;
-  B1|B2) bench "$stage" 300 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs "${stage#B}" \
+  B1|B2|B4|B8) bench "$stage" 300 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs "${stage#B}" \
         --variants "${MATRIXB:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}" ;;
   profB2) timeout 300 python3 -m moe_lab bench --preset qwen2-57b-a14b --layers 2 --seq 4096 \
         --mbs 2 --variants "$variants" --out "$res/bench_profB2.json" --profile "$res/prof_B2" \
