@@ -80,7 +80,7 @@ def classify(ops: list[str], role: str | None, phase: str | None) -> str:
     names = " ".join(ops)
     if phase in _OPTIMIZER_PHASES:
         return "optimizer, grad clip, master copies"
-    if "AccumulateGrad" in names or "main_grad accumulation" in names:
+    if "AccumulateGrad" in names:
         return "grad accumulation (main_grad)"
     if _COMM.search(names):
         return "communication (NCCL)"

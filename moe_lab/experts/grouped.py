@@ -16,44 +16,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
-from torch.profiler import record_function
-
-
-class GroupedLinear(torch.autograd.Function):
-    """y_TN = x_TK @ weight_ENK[e].T for each expert's rows (offsets: cumulative row counts).
-
-    Autograd's own grouped_mm backward gives the weight gradient as a transposed view, which
-    megatron's DDP hook then adds into the fp32 `main_grad` with a slow strided cast-and-add. Here
-    the weight gradient is computed in the weight's own layout and added into `main_grad` directly,
-    by megatron's fused-wgrad protocol (`grad_added_to_main_grad`, as its own linear layers do with
-    gradient_accumulation_fusion).
-    """
-
-    @staticmethod
-    def forward(ctx, x_TK, weight_ENK, offsets):
-        ctx.save_for_backward(x_TK, weight_ENK, offsets)
-        return F.grouped_mm(x_TK, weight_ENK.transpose(1, 2), offs=offsets)
-
-    @staticmethod
-    def backward(ctx, grad_TN):
-        x_TK, weight_ENK, offsets = ctx.saved_tensors
-        grad_TN = grad_TN.contiguous()  # grouped_mm wants 16-byte aligned strides
-        grad_x = (F.grouped_mm(grad_TN, weight_ENK, offs=offsets)
-                  if ctx.needs_input_grad[0] else None)
-        grad_weight = F.grouped_mm(grad_TN.t(), x_TK, offs=offsets)  # [E, N, K]
-        return grad_x, _into_main_grad(weight_ENK, grad_weight), None
-
-
-def _into_main_grad(weight, grad):
-    """Add `grad` to megatron DDP's main_grad; what autograd should then receive."""
-    if getattr(weight, "main_grad", None) is None or not hasattr(weight,
-                                                                 "grad_added_to_main_grad"):
-        return grad  # not under megatron's DDP
-    with record_function("main_grad accumulation"):
-        weight.main_grad.add_(grad)
-    weight.grad_added_to_main_grad = True
-    # DDP's hook runs when a gradient reaches the parameter: a dummy one, never read.
-    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 class GroupedGemmExperts(MegatronModule):
@@ -83,10 +45,10 @@ class GroupedGemmExperts(MegatronModule):
                 probs_T: torch.Tensor):
         offsets = torch.cumsum(tokens_per_expert.to(x_TH.device, non_blocking=True), 0)
         offsets = offsets.to(torch.int32)
-        gate_up = GroupedLinear.apply(x_TH, self.fc1_weight, offsets)
+        gate_up = F.grouped_mm(x_TH, self.fc1_weight.transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up * probs_T.unsqueeze(-1).to(gate.dtype)
-        return GroupedLinear.apply(hidden, self.fc2_weight, offsets), None
+        return F.grouped_mm(hidden, self.fc2_weight.transpose(1, 2), offs=offsets), None
 
     def backward_dw(self) -> None:
         pass
