@@ -22,17 +22,18 @@ import torch
 _CHUNK_ELEMENTS = 2**29
 
 
-def fused_lm_loss(*, hidden_states, output_layer, output_weight, labels, loss_mask=None,
-                  config=None, **_):
+def fused_lm_loss(*, hidden_states, output_layer, output_weight, labels, loss_mask=None, **_):
     """GPTModel output_processor: [s, b, h] hidden states -> [b, s] fp32 token losses."""
-    weight = output_layer.weight if output_weight is None else output_weight
     if labels is None:
         raise ValueError("training.cross_entropy=fused_linear computes a loss; it needs labels")
+    weight = output_layer.weight if output_weight is None else output_weight
     s, b, h = hidden_states.shape
     labels_sb = labels.t().reshape(-1)  # token order of the flattened [s, b] hidden states
     mask = (torch.ones_like(labels_sb, dtype=torch.float32) if loss_mask is None
             else loss_mask.t().reshape(-1).float())
-    loss = LinearCrossEntropy.apply(hidden_states.reshape(s * b, h), weight, labels_sb, mask)
+    # Under no_grad (validation) only the loss: parameters still say requires_grad there.
+    loss = LinearCrossEntropy.apply(hidden_states.reshape(s * b, h), weight, labels_sb, mask,
+                                    torch.is_grad_enabled())
     return loss.view(s, b).t()
 
 
@@ -44,9 +45,10 @@ def linear_cross_entropy_reference(hidden, weight, labels):
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, mask):
+    def forward(ctx, hidden, weight, labels, mask, with_grads: bool = True):
         n, vocab = hidden.shape[0], weight.shape[0]
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_hidden = with_grads and ctx.needs_input_grad[0]
+        want_weight = with_grads and ctx.needs_input_grad[1]
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -79,7 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # The caller's factor on the masked tokens (see the module docstring).
             scale = (grad_loss * mask).sum() / mask.sum().clamp(min=1.0)
             grad_weight = grad_weight * scale.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunk_size(tokens: int, vocab: int) -> int:

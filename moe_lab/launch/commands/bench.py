@@ -70,7 +70,7 @@ def run(args) -> int:
     # Under torchrun every rank runs the moe-lab variants in the given layout (e.g.
     # parallel.ep=2), one micro-batch per data-parallel rank; transformers runs on one GPU only.
     env = detect_env()
-    if env.world_size > 1 and any(v in hf.VARIANTS for v in variants):
+    if env.world_size > 1 and any(v.split("+")[0] in hf.VARIANTS for v in variants):
         raise UserError("--variants: transformers baselines run in a world of one process; "
                         "under torchrun bench mcore_* variants only")
     base = [f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
