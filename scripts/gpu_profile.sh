@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU speed of the torch backend (issues 11 and 12), on nvidia-h200-x2. Stages (STAGES=...):
+# GPU speed of the torch backend (issues 11 and 12), on nvidia-h200 (ep2 and the two-GPU tests of
+# the pytest stage need nvidia-h200-x2). Stages (STAGES=...):
 #  prof1, prof4  moe-lab bench --profile, shape A (Qwen1.5-MoE-A2.7B, 4 layers, seq 4096), mbs 1
 #                and 4, variants $VARIANTS: tokens/s and ratios in one process, kernel classes,
 #                top kernels, host time blocked in CUDA syncs;
