@@ -54,8 +54,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                        if want_weight else None)
         loss_and_grad = _chunk_kernel(hidden.is_cuda)
-        for start in range(0, n, chunk_size(n, vocab)):
-            end = min(n, start + chunk_size(n, vocab))
+        step = chunk_size(n, vocab)
+        for start in range(0, n, step):
+            end = min(n, start + step)
             h = hidden[start:end]
             logits = h @ weight.t()
             if not (want_hidden or want_weight):
