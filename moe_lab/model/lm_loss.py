@@ -93,16 +93,20 @@ def chunk_size(tokens: int, vocab: int) -> int:
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor):
     """Token losses (fp32) and d loss / d logits = softmax - one-hot (in the logits' dtype)."""
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - x.gather(1, labels[:, None]).squeeze(1)
+    loss, lse = _token_loss(x, labels)
     one_hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
     grad = torch.exp(x - lse[:, None]) - one_hot.float()
     return loss, grad.to(logits.dtype)
 
 
 def _loss_only(logits, labels):
-    x = logits.float()
-    return torch.logsumexp(x, dim=-1) - x.gather(1, labels[:, None]).squeeze(1)
+    return _token_loss(logits.float(), labels)[0]
+
+
+def _token_loss(x, labels):
+    """fp32 logits -> token losses and their logsumexp."""
+    lse = torch.logsumexp(x, dim=-1)
+    return lse - x.gather(1, labels[:, None]).squeeze(1), lse
 
 
 _compiled = None

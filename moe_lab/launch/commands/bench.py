@@ -63,21 +63,21 @@ def run(args) -> int:
                                             shutdown_distributed)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        kind = v.split("+")[0]
+    # "kind+key=value+...": a variant kind and the overrides of that variant alone
+    kinds = {v: v.split("+")[0] for v in variants}
+    for kind in kinds.values():
         if kind not in hf.VARIANTS and not mcore.is_variant(kind):
             raise UserError(f"--variants: unknown variant {kind!r}")
     # Under torchrun every rank runs the moe-lab variants in the given layout (e.g.
     # parallel.ep=2), one micro-batch per data-parallel rank; transformers runs on one GPU only.
     env = detect_env()
-    if env.world_size > 1 and any(v.split("+")[0] in hf.VARIANTS for v in variants):
+    if env.world_size > 1 and any(k in hf.VARIANTS for k in kinds.values()):
         raise UserError("--variants: transformers baselines run in a world of one process; "
                         "under torchrun bench mcore_* variants only")
     base = [f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
             f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
             "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides]
-    # A variant may carry its own overrides after '+' (mcore_torch_bf16+moe.topk=8): every
-    # config is loaded and checked before the first model is built.
+    # Every variant's config is loaded and checked before the first model is built.
     configs = {}
     for v in variants:
         cfg = config_lib.load(args.preset, base + v.split("+")[1:])
@@ -108,7 +108,7 @@ def run(args) -> int:
     rows = []
     try:
         for variant in variants:
-            kind, cfg = variant.split("+")[0], configs[variant]
+            kind, cfg = kinds[variant], configs[variant]
             module = hf if kind in hf.VARIANTS else mcore
             step = parts = None
             try:
