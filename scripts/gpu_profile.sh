@@ -14,6 +14,10 @@
 #  gpu1          pytest tests/gpu/test_backends.py (one GPU: torch backend against local in bf16);
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
+#  teA4 teB8     (Transformer Engine installed) moe-lab bench of A mbs 4 and B (2 layers) mbs 8,
+#                variants $TE_MATRIX;
+#  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and FP8;
+#  pa            (TE) pytest tests/gpu/test_precision_aware.py;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
 #                mbs 2, shape B (Qwen2-57B-A14B layers, 2 layers: 4 do not fit one H200 with
 #                fp32 master weights) at mbs 1, 2, 4 or 8; variants $MATRIX (default: transformers
@@ -33,6 +37,10 @@ quiet() { grep -v -i "warn\|_warn_once\|^  warnings\.\|^$" ; }
 A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
 variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
+# With Transformer Engine installed: its FusedAdam (megatron's choice then), the precision-aware
+# optimizer with bf16 moments and main gradients, the TE backend in bf16 and FP8 (blockwise).
+pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16
+te_matrix=${TE_MATRIX:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pa,mcore_te_bf16,mcore_te_fp8+training.fp8_recipe=blockwise,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}
 matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
 bench() {  # stage name, timeout, bench arguments...
   local name=$1 limit=$2; shift 2
@@ -129,6 +137,21 @@ EOF
   profB2) timeout 300 python3 -m moe_lab bench --preset qwen2-57b-a14b --layers 2 --seq 4096 \
         --mbs 2 --variants "$variants" --out "$res/bench_profB2.json" --profile "$res/prof_B2" \
         2>&1 | quiet > "$res/$stage.log" ;;
+  teA4) bench teA4 420 "${A[@]}" --mbs 4 --variants "$te_matrix" ;;
+  teB8) bench teB8 420 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs 8 \
+        --variants "$te_matrix" ;;
+  fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8, same data and weights
+    for prec in bf16 fp8; do
+      timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$prec" \
+        model.num_layers=2 model.backend=te training.precision=$prec training.fp8_recipe=blockwise \
+        training.seq_length=4096 training.micro_batch_size=2 training.global_batch_size=4 \
+        training.max_steps=100 training.log_interval=10 checkpoint.enabled=false \
+        tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$prec.log"
+    done ;;
+  pa)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest \
+      tests/gpu/test_precision_aware.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
+    ;;
   ce_curve)  # the fused LM loss and megatron's over 60 training steps, same data and weights
     for ce in fused_linear megatron; do
       timeout 150 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/ce_$ce" \

@@ -175,6 +175,14 @@ class OptimizerConfig:
     warmup_steps: int = 0
     clip_grad: float = 1.0  # 0: no clipping
     distributed: bool = True  # megatron's DistributedOptimizer (ZeRO-1 over data parallel)
+    # megatron's precision-aware optimizer (Transformer Engine's FusedAdam; Megatron-LM's
+    # --use-precision-aware-optimizer): the dtypes below may then be bf16. The master weights
+    # stay fp32, kept as the bf16 weight plus its 16 low bits. Needs distributed=true, bf16 or
+    # fp8 training and Transformer Engine.
+    precision_aware: bool = False
+    main_grads_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient buffers and their reduction
+    exp_avg_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's first moment
+    exp_avg_sq_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's second moment
 
     def __post_init__(self):
         _positive("optimizer", self, "lr")
@@ -184,6 +192,12 @@ class OptimizerConfig:
                  "optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         _require(self.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0")
+        for key in ("main_grads_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+            _one_of(f"optimizer.{key}", getattr(self, key), ("fp32", "bf16"))
+            _require(self.precision_aware or getattr(self, key) == "fp32", f"optimizer.{key}",
+                     "bf16 needs optimizer.precision_aware=true")
+        _require(not self.precision_aware or self.distributed, "optimizer.precision_aware",
+                 "needs optimizer.distributed=true (megatron's distributed optimizer)")
 
 
 @dataclass(frozen=True)
@@ -368,6 +382,9 @@ class ExperimentConfig:
         _require(self.training.cross_entropy != "fused_linear" or p.tp == 1,
                  "training.cross_entropy", f"fused_linear needs parallel.tp=1 (the output layer "
                  f"is split over the vocabulary with tp={p.tp}); use auto or megatron")
+        _require(not self.optimizer.precision_aware or self.training.precision != "fp32",
+                 "optimizer.precision_aware", "needs bf16 model weights (training.precision "
+                 "bf16 or fp8)")
         if m.backend != "te":
             _require(self.training.precision != "fp8", "training.precision",
                      "fp8 needs model.backend=te (Transformer Engine)")

@@ -87,6 +87,7 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
     import torch
 
     if torch.cuda.is_available():
+        check_transformer_engine(cfg)
         return True
     if cfg.training.precision != "fp32":
         raise ConfigError(f"training.precision: {cfg.training.precision} needs a GPU; "
@@ -95,6 +96,21 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
         raise ConfigError("model.backend: te (Transformer Engine) needs a GPU; use local or "
                           "torch on the CPU", key="model.backend")
     return False
+
+
+def check_transformer_engine(cfg: ExperimentConfig) -> None:
+    """The te backend and the precision-aware optimizer import Transformer Engine; refuse
+    before any model is built when it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    if cfg.model.backend == "te":
+        raise ConfigError("model.backend: te needs Transformer Engine, which is not installed; "
+                          "use model.backend=torch", key="model.backend")
+    if cfg.optimizer.precision_aware:
+        raise ConfigError("optimizer.precision_aware: needs Transformer Engine's FusedAdam, "
+                          "which is not installed", key="optimizer.precision_aware")
 
 
 def _check_resume(run_dir: Path, cfg: ExperimentConfig) -> None:

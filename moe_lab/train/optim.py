@@ -11,8 +11,8 @@ through megatron's public pieces (prepare_grads, step_with_ready_grads) with the
 in one multi-tensor reduction and the clipping folded into the fused AdamW kernel (its
 `grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
-coefficient clip / (norm + 1e-6) when it is below 1. Any other optimizer falls back to
-megatron's own step.
+coefficient clip / (norm + 1e-6) when it is below 1. Any other optimizer (Transformer Engine's
+FusedAdam when TE is installed, the precision-aware optimizer) falls back to megatron's own step.
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from moe_lab.config import ExperimentConfig
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def wrap_ddp(cfg: ExperimentConfig, config, model) -> DistributedDataParallel:
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        # The buffers DDP accumulates and reduces into are the precision-aware optimizer's
+        # main gradients.
+        grad_reduce_in_fp32=cfg.optimizer.main_grads_dtype == "fp32",
         use_distributed_optimizer=cfg.optimizer.distributed,
         overlap_grad_reduce=False,
         average_in_collective=False,
@@ -54,6 +58,10 @@ def build_optimizer(cfg: ExperimentConfig, config, model: DistributedDataParalle
             bf16=config.bf16,
             params_dtype=config.params_dtype,
             use_distributed_optimizer=o.distributed,
+            use_precision_aware_optimizer=o.precision_aware,
+            main_grads_dtype=_DTYPES[o.main_grads_dtype],
+            exp_avg_dtype=_DTYPES[o.exp_avg_dtype],
+            exp_avg_sq_dtype=_DTYPES[o.exp_avg_sq_dtype],
         ),
         [model],
     )

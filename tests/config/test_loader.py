@@ -56,6 +56,10 @@ def test_tiny_dense_is_dense():
     ("parallel.ep=3", "parallel.ep: moe.num_experts 8 is not divisible by ep 3"),
     ("moe.dispatcher=nccl", "moe.dispatcher: must be one of alltoall, allgather"),
     ("parallel.cp=2", "parallel.cp: context parallelism (cp=2) needs model.backend=te"),
+    ("optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_dtype: bf16 needs "
+                                     "optimizer.precision_aware=true"),
+    ("optimizer.main_grads_dtype=fp16", "optimizer.main_grads_dtype: must be one of fp32, bf16"),
+    ("optimizer.precision_aware=true", "optimizer.precision_aware: needs bf16 model weights"),
 ])
 def test_command_line_errors_are_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -97,3 +101,14 @@ def test_moe_layer_rule_follows_hugging_face():
     cfg = C.load(TINY_MOE, ["moe.layer_freq=2"])
     # HF Qwen2-MoE: layer i is sparse when (i + 1) % decoder_sparse_step == 0
     assert cfg.moe.moe_layers(4) == [0, 1, 0, 1]
+
+
+def test_precision_aware_optimizer_needs_the_distributed_optimizer():
+    with pytest.raises(ConfigError, match="optimizer.precision_aware: needs "
+                                          "optimizer.distributed=true"):
+        C.load(TINY_MOE, ["optimizer.precision_aware=true", "optimizer.distributed=false",
+                          "training.precision=bf16"])
+    cfg = C.load(TINY_MOE, ["optimizer.precision_aware=true", "training.precision=bf16",
+                            "optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_sq_dtype=bf16",
+                            "optimizer.main_grads_dtype=bf16"])
+    assert (cfg.optimizer.exp_avg_dtype, cfg.optimizer.main_grads_dtype) == ("bf16", "bf16")

@@ -107,3 +107,20 @@ def test_rank_and_master_come_from_torchrun_or_slurm_variables():
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr,
             slurm.master_port, slurm.launcher) == (5, 8, 1, "node-a", 20777, "slurm")
     assert detect_env({}).launcher == "single"
+
+
+def test_transformer_engine_parts_are_refused_where_it_is_not_installed():
+    import importlib.util
+
+    from moe_lab.launch.run import check_transformer_engine
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here: nothing to refuse")
+    torch_backend = C.load(TINY_MOE, ["training.precision=bf16", "model.backend=torch"])
+    check_transformer_engine(torch_backend)  # needs nothing from TE
+    for overrides, key in ((["model.backend=te"], "model.backend"),
+                           (["optimizer.precision_aware=true"], "optimizer.precision_aware")):
+        cfg = C.load(TINY_MOE, ["training.precision=bf16", *overrides])
+        with pytest.raises(ConfigError) as err:
+            check_transformer_engine(cfg)
+        assert str(err.value).startswith(f"{key}: ") and "not installed" in str(err.value)

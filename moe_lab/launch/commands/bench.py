@@ -61,6 +61,7 @@ def run(args) -> int:
     from moe_lab.launch.cli import UserError
     from moe_lab.launch.distributed import (check_layout, detect_env, init_distributed,
                                             shutdown_distributed)
+    from moe_lab.launch.run import check_transformer_engine
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     # "kind+key=value+...": a variant kind and the overrides of that variant alone
@@ -112,6 +113,8 @@ def run(args) -> int:
             module = hf if kind in hf.VARIANTS else mcore
             step = parts = None
             try:
+                if module is mcore and cuda:
+                    check_transformer_engine(mcore.variant_config(cfg, kind))
                 step, parts = module.build_step(cfg, kind, device)
                 timing = measure(step, warmup=args.warmup, steps=args.steps)
                 flops = config_lib.derive(cfg).flops_per_token
