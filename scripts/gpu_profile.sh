@@ -16,6 +16,8 @@
 #  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
 #  teA4 teB8     (Transformer Engine installed) moe-lab bench of A mbs 4 and B (2 layers) mbs 8,
 #                variants $TE_MATRIX;
+#  paA12         (TE) A with 12 layers at mbs 2 (fits one H200 only with the precision-aware
+#                optimizer's bf16 state): transformers pure bf16, torch and te-FP8 backends;
 #  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and FP8;
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
@@ -140,6 +142,8 @@ EOF
   teA4) bench teA4 420 "${A[@]}" --mbs 4 --variants "$te_matrix" ;;
   teB8) bench teB8 420 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs 8 \
         --variants "$te_matrix" ;;
+  paA12) bench paA12 420 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_te_fp8+training.fp8_recipe=blockwise+$pa" ;;
   fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8, same data and weights
     for prec in bf16 fp8; do
       timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$prec" \

@@ -118,6 +118,16 @@ def _materialise(sub) -> None:
     """A fresh optimizer has no per-parameter state until its first step; the loaders copy into
     existing exp_avg/exp_avg_sq. megatron's init hook creates them without touching the
     parameters."""
+    inner = sub.optimizer
+    if getattr(sub.config, "use_precision_aware_optimizer", False):
+        # megatron-core 0.19.2's hook calls TE FusedAdam's initialize_state(param), but TE 2.x
+        # requires a second argument, store_param_remainders (seen with TE 2.20.2: TypeError
+        # on every resume). TE's own step passes its attribute; so do we.
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.initialize_state(param, inner.store_param_remainders)
+        return
     if getattr(sub, "init_state_fn", None) is not None:
         sub.init_state_fn(sub.optimizer, sub.config)
 
@@ -135,10 +145,12 @@ def _step_of(sub) -> int:
 
 
 def _set_adam_step(sub, step: int) -> None:
-    for group in sub.optimizer.param_groups:
-        if "step" in group:
-            group["step"] = step
     if _uses_torch_adam(sub):
         for state in sub.optimizer.state.values():
             # One tensor per parameter: torch's Adam increments it in place.
             state["step"] = torch.tensor(float(step))
+        return
+    # TE/apex FusedAdam add the key on their first step; a resumed optimizer has not stepped
+    # yet, and without it would restart Adam's bias correction at step 1.
+    for group in sub.optimizer.param_groups:
+        group["step"] = step
