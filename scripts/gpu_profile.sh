@@ -40,8 +40,9 @@ A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
 variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
 # With Transformer Engine installed: its FusedAdam (megatron's choice then), the precision-aware
-# optimizer with bf16 moments and main gradients, the TE backend in bf16 and FP8 (blockwise).
-pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16
+# optimizer with bf16 moments and main gradients (the 2026-11-30 runs had the master weights'
+# remainders on, megatron's default: store_param_remainders=true), the TE backend in bf16 and FP8 (blockwise).
+pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16+optimizer.store_param_remainders=true
 te_matrix=${TE_MATRIX:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pa,mcore_te_bf16,mcore_te_fp8+training.fp8_recipe=blockwise,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}
 matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
 bench() {  # stage name, timeout, bench arguments...

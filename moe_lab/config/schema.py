@@ -176,13 +176,16 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # 0: no clipping
     distributed: bool = True  # megatron's DistributedOptimizer (ZeRO-1 over data parallel)
     # megatron's precision-aware optimizer (Transformer Engine's FusedAdam; Megatron-LM's
-    # --use-precision-aware-optimizer): the dtypes below may then be bf16. The master weights
-    # stay fp32, kept as the bf16 weight plus its 16 low bits. Needs distributed=true, bf16 or
-    # fp8 training and Transformer Engine.
+    # --use-precision-aware-optimizer): the dtypes below may then be bf16; the master weights
+    # stay fp32. Needs distributed=true, bf16 or fp8 training and Transformer Engine.
     precision_aware: bool = False
     main_grads_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient buffers and their reduction
     exp_avg_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's first moment
     exp_avg_sq_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's second moment
+    # Keep the fp32 master weights as the bf16 weight plus its 16 low bits (2 bytes a parameter
+    # less). megatron-core 0.19.2 saves those bits into fp32 checkpoint tensors and cannot load
+    # them back, so this needs checkpoint.enabled=false (benchmarks).
+    store_param_remainders: bool = False
 
     def __post_init__(self):
         _positive("optimizer", self, "lr")
@@ -198,6 +201,8 @@ class OptimizerConfig:
                      "bf16 needs optimizer.precision_aware=true")
         _require(not self.precision_aware or self.distributed, "optimizer.precision_aware",
                  "needs optimizer.distributed=true (megatron's distributed optimizer)")
+        _require(self.precision_aware or not self.store_param_remainders,
+                 "optimizer.store_param_remainders", "needs optimizer.precision_aware=true")
 
 
 @dataclass(frozen=True)
@@ -382,6 +387,9 @@ class ExperimentConfig:
         _require(self.training.cross_entropy != "fused_linear" or p.tp == 1,
                  "training.cross_entropy", f"fused_linear needs parallel.tp=1 (the output layer "
                  f"is split over the vocabulary with tp={p.tp}); use auto or megatron")
+        _require(not (self.optimizer.store_param_remainders and self.checkpoint.enabled),
+                 "optimizer.store_param_remainders", "needs checkpoint.enabled=false: "
+                 "megatron-core 0.19.2 cannot load the remainders back from a checkpoint")
         _require(not self.optimizer.precision_aware or self.training.precision != "fp32",
                  "optimizer.precision_aware", "needs bf16 model weights (training.precision "
                  "bf16 or fp8)")

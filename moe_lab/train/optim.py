@@ -62,6 +62,7 @@ def build_optimizer(cfg: ExperimentConfig, config, model: DistributedDataParalle
             main_grads_dtype=_DTYPES[o.main_grads_dtype],
             exp_avg_dtype=_DTYPES[o.exp_avg_dtype],
             exp_avg_sq_dtype=_DTYPES[o.exp_avg_sq_dtype],
+            store_param_remainders=o.store_param_remainders,
         ),
         [model],
     )

@@ -1,6 +1,6 @@
 """One GPU with Transformer Engine: megatron's precision-aware optimizer (optimizer.precision_aware,
-bf16 moments and main gradients, fp32 master weights kept as bf16 weight + 16-bit remainder)
-trains like the default fp32 optimizer state, and its state survives a checkpoint.
+bf16 moments and main gradients, fp32 master weights) trains like the default fp32 optimizer
+state, and its state survives a checkpoint.
 
 Run: pytest tests/gpu/test_precision_aware.py -s
 """
@@ -44,5 +44,5 @@ def test_bf16_optimizer_state_trains_like_fp32_and_resumes(tmp_path):
     assert bf16[0]["loss/lm"] == pytest.approx(fp32[0]["loss/lm"], rel=1e-3)  # same weights
     assert last["bf16 state"] < 0.9 * bf16[0]["loss/lm"]  # it learns
     assert last["bf16 state"] == pytest.approx(last["fp32 state"], rel=2e-2)
-    # The checkpoint holds the bf16 moments and the master weights' remainders.
+    # The checkpoint holds the moments, the fp32 master weights and Adam's step.
     assert last["bf16 state, resumed at 15"] == pytest.approx(last["bf16 state"], rel=5e-3)
