@@ -18,6 +18,8 @@
 #                variants $TE_MATRIX;
 #  paA12         (TE) A with 12 layers at mbs 2 (fits one H200 only with the precision-aware
 #                optimizer's bf16 state): transformers pure bf16, torch and te-FP8 backends;
+#  dispA1 dispA4 shape A at mbs 1 and 4: the torch backend with megatron's alltoall dispatcher
+#                (the default) and with allgather, against transformers pure bf16;
 #  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and FP8;
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
@@ -145,6 +147,10 @@ EOF
         --variants "$te_matrix" ;;
   paA12) bench paA12 420 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_te_fp8+training.fp8_recipe=blockwise+$pa" ;;
+  dispA1|dispA4)  # megatron's two dispatchers at EP=1: alltoall sorts tokens by local expert
+        # (an identity at EP=1: ~200 host ops a layer on the CPU), allgather does not but syncs twice
+        bench "$stage" 300 "${A[@]}" --mbs "${stage#dispA}" \
+        --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+moe.dispatcher=allgather" ;;
   fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8, same data and weights
     for prec in bf16 fp8; do
       timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$prec" \
