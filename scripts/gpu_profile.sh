@@ -22,6 +22,10 @@
 #                (the default) and with allgather, against transformers pure bf16;
 #  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and FP8;
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
+#  paA4          (TE) A mbs 4: the precision-aware optimizer with moe-lab's default (a full fp32
+#                master copy, store_param_remainders=false) and with the remainders on;
+#  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
+#                `grouped_mm` for one layer's expert GEMMs at shapes A and B, quantisation included;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
 #                mbs 2, shape B (Qwen2-57B-A14B layers, 2 layers: 4 do not fit one H200 with
 #                fp32 master weights) at mbs 1, 2, 4 or 8; variants $MATRIX (default: transformers
@@ -159,6 +163,10 @@ EOF
         training.max_steps=100 training.log_interval=10 checkpoint.enabled=false \
         tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$prec.log"
     done ;;
+  paA4) bench paA4 300 "${A[@]}" --mbs 4 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;
+  fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \
+        2>&1 | quiet > "$res/$stage.log" ;;
   pa)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest \
       tests/gpu/test_precision_aware.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
