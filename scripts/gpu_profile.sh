@@ -61,7 +61,7 @@ for stage in $stages; do
   case $stage in
   prof1|prof4)
     mbs=${stage#prof}
-    timeout $((mbs == 1 ? 120 : 140)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
+    timeout $((mbs == 1 ? 240 : 300)) python3 -m moe_lab bench "${A[@]}" --mbs "$mbs" \
       --variants "$variants" --out "$res/bench_mbs$mbs.json" \
       --profile "$res/prof_mbs$mbs" 2>&1 | quiet > "$res/$stage.log"
     ;;

@@ -6,7 +6,9 @@
 - GPU time per class (expert GEMM, attention, optimizer, permutation/dispatch, communication,
   LM head + cross-entropy, ...), forward and backward together;
 - per step: kernel time, GPU busy time (union of kernel intervals), host time spent blocked in
-  CUDA synchronisation, and where (which module) those synchronisations happen.
+  CUDA synchronisation, and where (which module) those synchronisations happen;
+- GPU idle time between kernels, charged to the kernel the GPU then waited for (its phase and
+  class): where a host-bound step starves the GPU.
 
 A kernel is classed by the CPU op that launched it: its op names, the module range it ran in
 (backward ops inherit the module of the forward op with the same autograd sequence number) and
@@ -236,6 +238,7 @@ def analyse(events, steps: int, cuda: bool) -> dict:
         entry[2][cls] += us
     total_us = sum(class_us.values())
     busy_us = _union([(s, e) for *_, s, e in attributed]) if cuda else float("nan")
+    idle_us = idle_before([(s, e, f"{phase} / {cls}") for _, _, cls, phase, s, e in attributed])
     starts = [e.time_range.start for e in cpu] or [0.0]
     ends = [e.time_range.end for e in cpu] or [0.0]
     window_us = max(ends) - min(starts)
@@ -249,6 +252,8 @@ def analyse(events, steps: int, cuda: bool) -> dict:
         "sync_wait_ms_per_step": sum(sync_us.values()) / per,
         "syncs_per_step": sync_count / steps,
         "sync_wait_ms_by_place": {k: v / per for k, v in sync_us.most_common()},
+        "gpu_idle_ms_per_step": sum(idle_us.values()) / per,
+        "gpu_idle_ms_before": {k: v / per for k, v in idle_us.most_common(12)},
         "class_ms_per_step": {c: class_us[c] / per for c in CLASSES if class_us[c]},
         "phase_ms_per_step": {p: v / per for p, v in phase_us.most_common()},
         "class_phase_ms_per_step": {f"{c} / {p}": v / per
@@ -264,6 +269,18 @@ def _innermost(event, prefix: str):
         if a.name.startswith(prefix):
             return a.name[len(prefix):]
     return None
+
+
+def idle_before(kernels) -> Counter:
+    """(start, end, label) of kernels -> GPU idle time between them, summed per label of the
+    kernel that ended each idle gap (the work the GPU was waiting for)."""
+    idle: Counter = Counter()
+    end = None
+    for start, stop, label in sorted(kernels):
+        if end is not None and start > end:
+            idle[label] += start - end
+        end = stop if end is None else max(end, stop)
+    return idle
 
 
 def _union(intervals) -> float:
@@ -300,6 +317,10 @@ def render(name: str, result: dict, timing=None) -> str:
               if ms >= 0.05 * (r["kernel_ms_per_step"] or 1) / 5]
     lines += ["", "| host blocked in sync (phase/module) | ms/step |", "|---|---|"]
     lines += [f"| {p} | {ms:.2f} |" for p, ms in r["sync_wait_ms_by_place"].items()]
+    if r.get("gpu_idle_ms_before"):
+        lines += ["", f"GPU idle between kernels: {r['gpu_idle_ms_per_step']:.2f} ms/step.", "",
+                  "| GPU idle, waiting for (phase / class) | ms/step |", "|---|---|"]
+        lines += [f"| {p} | {ms:.2f} |" for p, ms in r["gpu_idle_ms_before"].items()]
     lines += ["", "| top kernels | ms/step | calls/step | class |", "|---|---|---|---|"]
     lines += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} | "
               f"{k['class']} |" for k in r["top_kernels"]]

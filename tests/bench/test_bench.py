@@ -6,6 +6,7 @@ Run: pytest tests/bench
 
 import json
 
+from moe_lab.bench.profile import idle_before
 from moe_lab.testing import run_cli
 
 from ..conftest import TINY_MOE
@@ -76,3 +77,12 @@ def test_a_variant_runs_in_a_child_process(tmp_path, capsys):
     assert "mcore_torch_fp32: " in printed and "| variant |" not in printed
     rows = _child_rows(args, "mcore_torch_fp32+moe.topk=99")
     assert rows[0].error and rows[0].tokens_per_s == 0
+
+
+def test_gpu_idle_is_charged_to_the_kernel_it_waited_for():
+    """Idle gaps between kernel intervals (overlapping streams merged) go to the next kernel."""
+    kernels = [(0, 10, "fwd / a"), (5, 12, "fwd / b"),  # overlap: no gap
+               (20, 25, "opt / c"),                      # 8 idle before c
+               (24, 30, "opt / c"), (31, 40, "fwd / a")]  # 1 idle before the second a
+    assert idle_before(kernels) == {"opt / c": 8, "fwd / a": 1}
+    assert idle_before([]) == {}
