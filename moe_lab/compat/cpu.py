@@ -13,6 +13,10 @@ than editing its code, this module answers those assumptions from the outside, i
    across TP ranks; tests that compare layouts load weights from a checkpoint and use dropout 0).
 4. The alltoall dispatcher's split sizes become numpy arrays on the CPU, as gloo needs.
 5. gloo's all_gather needs equal shapes: uneven gathers are padded and trimmed.
+6. Checkpoint saves: megatron's queue of write results is served by a `spawn`ed Manager process,
+   which imports torch again to unpickle the results: ~3.5 s at every process's first save. On
+   the CPU there is no CUDA context that a fork could break, so the queue is created up front
+   (before gloo starts its threads) with `fork`, through megatron's own `get_write_results_queue`.
 
 Call `enable_cpu_compat()` once, before any model is built. It is idempotent.
 """
@@ -156,6 +160,14 @@ def _patch_uneven_all_gather() -> None:
     dist.all_gather = all_gather
 
 
+def _fork_checkpoint_results_queue() -> None:
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        get_write_results_queue,
+    )
+
+    get_write_results_queue("fork")  # later calls get this queue
+
+
 def enable_cpu_compat() -> None:
     """Switch the process to CPU execution of megatron-core. Idempotent."""
     global _ENABLED
@@ -167,4 +179,5 @@ def enable_cpu_compat() -> None:
     _patch_rng()
     _patch_dispatcher_splits()
     _patch_uneven_all_gather()
+    _fork_checkpoint_results_queue()
     _ENABLED = True

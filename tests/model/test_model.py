@@ -88,3 +88,16 @@ def test_norm_topk_prob_renormalises_the_topk_weights(world):
     assert (routing_map.sum(-1) == 2).all()
     probs, _ = plain.decoder.layers[0].mlp.router(x.unsqueeze(1))
     assert (probs.sum(-1) < 1).all()  # the k experts' share of the full softmax
+
+
+def test_cpu_checkpoint_results_queue_is_forked_not_spawned(world):
+    """A spawned Manager re-imports torch at every process's first save (~3.5 s each, ~300 s of
+    this suite); the CPU layer hands megatron a forked one."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        get_write_results_queue,
+    )
+
+    queue = get_write_results_queue()  # megatron's own call, default mode 'spawn'
+    assert queue._manager._ctx.get_start_method() == "fork"
+    queue.put({"shape": torch.Size([2, 3])})
+    assert queue.get(timeout=10) == {"shape": torch.Size([2, 3])}
