@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                         help="also profile 2 more steps of each variant (torch.profiler) and "
                              "write DIR/<variant>.md and .json: top CUDA kernels, GPU time per "
                              "class (expert GEMM, attention, optimizer, dispatch, ...), host "
-                             "time blocked in CUDA syncs")
+                             "time blocked in CUDA syncs, GPU idle time and what it waited for")
     parser.add_argument("--in-process", action="store_true",
                         help="run every variant in this process (always so on the CPU and under "
                              "torchrun); by default, on one GPU, each variant runs in a child "
