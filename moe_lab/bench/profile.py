@@ -298,9 +298,9 @@ def _union(intervals) -> float:
 def render(name: str, result: dict, timing=None) -> str:
     lines = [f"## {name}", ""]
     if timing is not None:
-        lines.append(f"Unprofiled: wall {timing.wall_ms:.1f} ms/step, host thread CPU "
-                     f"{timing.host_ms:.1f} ms/step (includes spinning in syncs), kernel "
-                     f"{timing.gpu_ms:.1f} ms/step.")
+        lines.append(f"Unprofiled: {timing.steady_ms:.1f} ms/step back to back, isolated "
+                     f"{timing.wall_ms:.1f} ms/step, host thread CPU {timing.host_ms:.1f} ms/step "
+                     f"(includes spinning in syncs), kernel {timing.gpu_ms:.1f} ms/step.")
     r = result
     lines += [f"Profiled ({r['steps']} steps): window {r['window_ms_per_step']:.1f} ms/step, "
               f"kernels {r['kernel_ms_per_step']:.1f}, GPU busy {r['gpu_busy_ms_per_step']:.1f}, "

@@ -3,10 +3,11 @@
 `MoETelemetry(model, moe_pattern, num_experts, topk)` finds the model's MoE layers; every
 router's forward in training adds to its `RoutingStats` (moe-lab routers do it themselves; for
 any other router class a forward hook counts its routing map). `end_step()`, called once per
-step on every rank, stacks one row per MoE layer, sums the rows over all ranks with ONE
-all-reduce (each layer lives on one pipeline stage, and that stage's data-, expert-, tensor-
-(sequence-) and context-parallel ranks each route different tokens, so the sum is the global
-batch), applies the aux-loss-free bias updates from those counts, and returns the metrics:
+step on every rank between the backward pass and the update, stacks one row per MoE layer,
+sums the rows over all ranks with ONE all-reduce (each layer lives on one pipeline stage, and
+that stage's data-, expert-, tensor- (sequence-) and context-parallel ranks each route different
+tokens, so the sum is the global batch) and returns the metrics; `update_expert_biases()` then
+applies the aux-loss-free bias updates from those counts when the update goes ahead:
 
   moe/layer_NN/load_max_over_mean  busiest expert's tokens / mean tokens per expert (1 = even)
   moe/layer_NN/load_cv             std / mean of tokens per expert (0 = even)
@@ -108,7 +109,10 @@ class MoETelemetry:
             router.routing_stats.record(routing_map.bool(), slots, dropped)
 
     def end_step(self) -> dict[str, float]:
-        """Reduce this step's routing over all ranks, update expert biases, return metrics."""
+        """Reduce this step's routing over all ranks and return its metrics. Reads the counts
+        back to the host, so the trainer calls it before the update, where the step waits for
+        the GPU anyway: no synchronisation after the update lets the host queue the next
+        step's forward while the GPU still runs the optimizer."""
         start = time.perf_counter()
         width = self.num_experts + len(EXTRA)
         rows = torch.zeros(len(self.layers), width, dtype=torch.float64, device=self.device)
@@ -119,12 +123,13 @@ class MoETelemetry:
                 recorded += seconds
         rows = reduce_rows(rows)
         self.last = load_from_rows(self.layers, rows.cpu().numpy(), self.num_experts)
-        self._update_expert_biases(self.last)
         metrics = self.last.metrics()
         metrics["moe/telemetry_s"] = recorded + time.perf_counter() - start
         return metrics
 
-    def _update_expert_biases(self, load: RoutingLoad) -> None:
+    def update_expert_biases(self) -> None:
+        """The aux-loss-free bias updates from the counts of the last end_step()."""
+        load = self.last
         for row, layer in enumerate(load.layers):
             router = self.routers.get(layer)
             if router is not None and getattr(router, "uses_expert_bias", False):

@@ -85,6 +85,8 @@ class Trainer:
         metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
+        if self.moe_telemetry:
+            metrics.update(self.moe_telemetry.end_step())
         with record_function("phase:guard"):
             # the global gradient norm, once (fused path; None: megatron's step computes it)
             norm = optim.prepare_and_norm(self.optimizer)
@@ -92,6 +94,8 @@ class Trainer:
             skipped = check_before_update(self.cfg, step, metrics, self.optimizer, grad_norm)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
+        if self.moe_telemetry:
+            self.moe_telemetry.update_expert_biases()
         with record_function("phase:optimizer"):
             if norm is not None:
                 optim.fused_update(self.optimizer, norm, self.cfg.optimizer.clip_grad)
@@ -100,8 +104,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.moe_telemetry:  # also applies the aux-loss-free expert bias updates
-            metrics.update(self.moe_telemetry.end_step())
+        # Nothing after the update reads the GPU: the host goes on to the next step's forward
+        # while the GPU runs the optimizer (train/loop.py does not synchronise either).
         return metrics
 
     def _reduce_lm_loss(self, outputs: list[dict]) -> float:

@@ -73,6 +73,7 @@ def test_a_variant_runs_in_a_child_process(tmp_path, capsys):
     rows = _child_rows(args, "mcore_torch_fp32")
     assert [r.name for r in rows] == ["mcore_torch_fp32"]
     assert rows[0].error is None and rows[0].tokens_per_s > 0 and rows[0].timing.wall_ms > 0
+    assert rows[0].timing.steady_ms > 0  # the back-to-back steps the tokens/s come from
     printed = capsys.readouterr().out
     assert "mcore_torch_fp32: " in printed and "| variant |" not in printed
     rows = _child_rows(args, "mcore_torch_fp32+moe.topk=99")

@@ -164,15 +164,19 @@ def _tensors(ckpt, tmp_path):
 
 
 def test_nonfinite_gradient_with_skip_leaves_weights_and_optimizer_alone(tmp_path):
+    """...and the aux-loss-free expert biases; the skipped step still reports its routing."""
     run = tmp_path / "run"
     result = train(run, "training.max_steps=4", "checkpoint.interval=1",
-                   "checkpoint.keep_last=0", "training.on_nonfinite=skip", fault="nan@grads:3")
+                   "checkpoint.keep_last=0", "training.on_nonfinite=skip",
+                   "moe.router.expert_bias=true", fault="nan@grads:3")
     assert "warning: grad_norm is nan at step 3; update skipped" in result.stdout
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
     assert rows[3]["skipped"] == 1.0 and "skipped" not in rows[4]
+    assert all("moe/layer_01/load_cv" in rows[s] for s in (3, 4))
     ckpts = checkpoints(run)
     before, after, later = (_tensors(ckpts[s], tmp_path) for s in (2, 3, 4))
     assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in before)
+    assert any(k.endswith("router.expert_bias") for k in before)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(before[k], later[k]) for k in before)  # step 4 did train

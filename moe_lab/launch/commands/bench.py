@@ -14,9 +14,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="time training steps of moe-lab backends against transformers",
         description="Build each variant in turn in this process (same shape, tokens and AdamW), "
-                    "time fwd+bwd+optimizer steps (median after warm-up) and print tokens/s, "
-                    "model TFLOP/s, MFU, peak memory, wall/GPU/host time per step and the "
-                    "ratio of every row to each transformers baseline.",
+                    "time fwd+bwd+optimizer steps after warm-up and print tokens/s, model "
+                    "TFLOP/s, MFU, peak memory, time per step and the ratio of every row to "
+                    "each transformers baseline. 'step ms' (and tokens/s): steps back to back "
+                    "as in training; 'isolated ms': the median step synchronised at both ends "
+                    "(the host's time to issue the forward exposed); 'GPU ms': kernel time; "
+                    "'host ms': the Python thread's CPU time of an isolated step.",
         epilog="example: moe-lab bench --preset qwen1.5-moe-a2.7b --layers 4 --seq 4096 --mbs 4 "
                "--variants hf_grouped_bf16,mcore_torch_bf16,mcore_te_fp8 --out bench.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
