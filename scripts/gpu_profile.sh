@@ -14,6 +14,7 @@
 #  gpu1          pytest tests/gpu/test_backends.py (one GPU: torch backend against local in bf16);
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
+#  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
 #  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
 #  teA4 teB8     (Transformer Engine installed) moe-lab bench of A mbs 4 and B (2 layers) mbs 8,
 #                variants $TE_MATRIX;
@@ -172,6 +173,8 @@ EOF
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest \
       tests/gpu/test_precision_aware.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
+  syncs)  # where one step of the torch backend (A, 2 layers, mbs 1) makes the host wait
+    timeout 200 python3 scripts/host_syncs.py --layers 2 2>&1 | quiet > "$res/$stage.log" ;;
   trainA1)  # moe-lab train itself at the bench's A mbs 1 shape: its logged tokens/s per step
     timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir /tmp/runs/trainA1 \
       model.num_layers=4 model.backend=torch training.precision=bf16 training.seq_length=4096 \

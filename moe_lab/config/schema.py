@@ -98,6 +98,8 @@ class MoEConfig:
     shared_expert_gate: bool = True  # Qwen2-MoE scales the shared expert by sigmoid(x . w)
     # HF's rule: layer i is MoE when (i + 1) % layer_freq == 0; or an explicit 0/1 list.
     layer_freq: int | list[int] = 1
+    # megatron's exchange of tokens between expert ranks. model.backend=torch with one expert
+    # rank (ep=1, etp=1) and dropless routing sorts tokens locally instead (experts/local_dispatch)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     capacity_factor: float | None = None  # None: dropless
     # The router's own config: {name: ..., plus that router's parameters}. Validated by

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from moe_lab.experts import GroupedGemmExperts
+from moe_lab.experts import GroupedGemmExperts, TorchMoELayer
 from moe_lab.model.attention import SDPACoreAttention
 from moe_lab.model.norm import RMSNorm
 
@@ -52,11 +52,12 @@ def _moe_mlp(backend: str, router_builder):
         activation_func=provider.activation_func(),
     )
     if backend == "torch":
-        experts = GroupedGemmExperts
+        # its grouped GEMM reads the tokens per expert on the GPU: no host wait per layer
+        layer, experts = TorchMoELayer, GroupedGemmExperts
     else:
-        experts = provider.grouped_mlp_modules(backend == "te")
+        layer, experts = MoELayer, provider.grouped_mlp_modules(backend == "te")
     return partial(
-        MoELayer,
+        layer,
         submodules=MoESubmodules(
             experts=experts,
             shared_experts=partial(SharedExpertMLP, submodules=shared_mlp),

@@ -50,12 +50,11 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     flops_per_token = derive(cfg).flops_per_token
     last = min(t.max_steps, stop_at_step or t.max_steps)
     interval = cfg.checkpoint.interval
-    started = time.perf_counter()
+    started = step_start = time.perf_counter()
     steps_timed = 0
 
     while state.step < last:
         batches = data.batches(state.step, dp_rank, dp_size)
-        step_start = time.perf_counter()
         faults.at("step_begin")
         try:
             metrics = trainer.step(state.step, batches)
@@ -65,9 +64,11 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             raise
         faults.at("step_end")
         # No synchronisation here (as in Megatron-LM): the host queues the next forward while
-        # the GPU runs this step's optimizer. A step waits for the GPU before its update (loss,
-        # gradient norm), so over steps the host time is the GPU's step time.
-        step_time = time.perf_counter() - step_start
+        # the GPU runs this step's optimizer. Every step waits for the GPU before its update
+        # (loss, gradient norm), so the time from one step's end to the next one's is the step
+        # time, logging and data included; validation and checkpoints are left out below.
+        step_end = time.perf_counter()
+        step_time, step_start = step_end - step_start, step_end
         state.step += 1
         state.consumed_samples += t.global_batch_size
         steps_timed += 1
@@ -77,12 +78,14 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             for sink in sinks:
                 sink.log(state.step, metrics)
             _log_expert_load(sinks, state.step, trainer.expert_load)
-        log_validation(cfg, model, data, state.step, sinks)
+        validated = log_validation(cfg, model, data, state.step, sinks) is not None
         stop = stop_requested is not None and stop_requested()
         due = (interval and state.step % interval == 0) or state.step == last or stop
         if cfg.checkpoint.enabled and due:
             checkpointer.save(state)
         checkpointer.poll()
+        if validated or (cfg.checkpoint.enabled and due):
+            step_start = time.perf_counter()
         if stop:
             break
     checkpointer.close()

@@ -36,14 +36,21 @@ def forward_step_func(cfg):
 
 def _forward_step(output_processor, data_iterator, model):
     batch = next(data_iterator)
-    tokens, labels = batch["tokens"], batch["labels"]
     device = next(model.parameters()).device
-    tokens, labels = tokens.to(device), labels.to(device)
+    tokens, labels = (_to_device(batch[key], device) for key in ("tokens", "labels"))
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     loss_mask = torch.ones_like(labels, dtype=torch.float)
     output = model(tokens, positions, None, labels=labels, loss_mask=loss_mask,
                    output_processor=output_processor)
     return output, partial(_loss_func, loss_mask)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return tensor.to(device)
+    # A copy from pageable memory waits for all queued GPU work (the last step's optimizer);
+    # from pinned memory it is queued like a kernel.
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Trainer:

@@ -101,3 +101,35 @@ def test_cpu_checkpoint_results_queue_is_forked_not_spawned(world):
     assert queue._manager._ctx.get_start_method() == "fork"
     queue.put({"shape": torch.Size([2, 3])})
     assert queue.get(timeout=10) == {"shape": torch.Size([2, 3])}
+
+
+def test_torch_backend_sorts_tokens_for_one_expert_rank_as_megatrons_dispatcher_does(world):
+    """With all experts on this rank the torch backend's MoE layers use LocalTokenDispatcher
+    (tokens per expert stay on the device: no host wait per layer) and compute exactly what
+    megatron's alltoall dispatcher computes; routing with a capacity keeps megatron's."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from moe_lab.experts import LocalTokenDispatcher
+
+    cfg, model = build(TINY_MOE, ["model.backend=torch"])
+    _, reference = build(TINY_MOE, ["model.backend=torch"])  # same seed: same weights
+    moes = [layer.mlp for layer in model.decoder.layers]
+    assert all(isinstance(m.token_dispatcher, LocalTokenDispatcher) for m in moes)
+    for m in (layer.mlp for layer in reference.decoder.layers):
+        m.token_dispatcher = MoEAlltoAllTokenDispatcher(
+            m.num_local_experts, m.local_expert_indices, config=m.config,
+            pg_collection=get_default_pg_collection())
+    torch.manual_seed(1)
+    loss = forward_backward(cfg, model)
+    torch.manual_seed(1)
+    assert torch.equal(loss, forward_backward(cfg, reference))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    tokens = moes[0].token_dispatcher.dispatch_postprocess(
+        torch.zeros(4, 1), None)[1]  # counts of the last forward, as the experts get them
+    assert tokens.device.type == "cpu" and tokens.sum() == 2 * cfg.training.seq_length * 2
+
+    _, capped = build(TINY_MOE, ["model.backend=torch", "moe.router.name=expert_choice",
+                                 "moe.balance.aux=0"])
+    assert isinstance(capped.decoder.layers[0].mlp.token_dispatcher, MoEAlltoAllTokenDispatcher)
