@@ -89,14 +89,16 @@ class Trainer:
                 micro_batch_size=t.micro_batch_size,
                 forward_only=False,
             )
+        with record_function("phase:guard"):
+            # the global gradient norm, once (fused path; None: megatron's step computes it),
+            # queued before the reads below so that the GPU computes it while the host waits
+            norm = optim.prepare_and_norm(self.optimizer)
         metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
         metrics.update(self._balance_losses(len(batches)))
         metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
         if self.moe_telemetry:
             metrics.update(self.moe_telemetry.end_step())
         with record_function("phase:guard"):
-            # the global gradient norm, once (fused path; None: megatron's step computes it)
-            norm = optim.prepare_and_norm(self.optimizer)
             grad_norm = float(norm) if norm is not None else None
             skipped = check_before_update(self.cfg, step, metrics, self.optimizer, grad_norm)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
