@@ -152,7 +152,7 @@ EOF
   teB8) bench teB8 420 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs 8 \
         --variants "$te_matrix" ;;
   paA12) bench paA12 420 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
-        --variants "hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_te_fp8+training.fp8_recipe=blockwise+$pa" ;;
+        --variants "${MATRIX12:-hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}" ;;
   dispA1|dispA4)  # megatron's two dispatchers at EP=1: alltoall sorts tokens by local expert
         # (an identity at EP=1: ~200 host ops a layer on the CPU), allgather does not but syncs twice
         bench "$stage" 300 "${A[@]}" --mbs "${stage#dispA}" \
