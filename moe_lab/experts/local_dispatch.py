@@ -29,10 +29,6 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 class LocalTokenDispatcher(MoETokenDispatcher):
     """Tokens sorted by expert and back, on this rank, counts left on the GPU."""
 
-    def __init__(self, num_local_experts: int, config, pg_collection) -> None:
-        super().__init__(config=config, pg_collection=pg_collection)
-        self.num_local_experts = num_local_experts
-
     @staticmethod
     def applies(config, pg_collection) -> bool:
         """One expert rank, dropless routing without padding, no shared-expert overlap."""
@@ -83,5 +79,4 @@ class TorchMoELayer(MoELayer):
         super().__init__(config, submodules, layer_number=layer_number,
                          pg_collection=pg_collection, **kwargs)
         if LocalTokenDispatcher.applies(config, pg_collection):
-            self.token_dispatcher = LocalTokenDispatcher(self.num_local_experts, config,
-                                                         pg_collection)
+            self.token_dispatcher = LocalTokenDispatcher(config, pg_collection)
