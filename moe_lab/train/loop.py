@@ -81,10 +81,11 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
         validated = log_validation(cfg, model, data, state.step, sinks) is not None
         stop = stop_requested is not None and stop_requested()
         due = (interval and state.step % interval == 0) or state.step == last or stop
-        if cfg.checkpoint.enabled and due:
+        saved = cfg.checkpoint.enabled and due
+        if saved:
             checkpointer.save(state)
         checkpointer.poll()
-        if validated or (cfg.checkpoint.enabled and due):
+        if validated or saved:
             step_start = time.perf_counter()
         if stop:
             break
