@@ -188,6 +188,11 @@ class OptimizerConfig:
     # less). megatron-core 0.19.2 saves those bits into fp32 checkpoint tensors and cannot load
     # them back, so this needs checkpoint.enabled=false (benchmarks).
     store_param_remainders: bool = False
+    # The update of the fp32 master weights (train/master_adamw.py): "triton" is one kernel for
+    # AdamW and the bf16 weight copy; "megatron" is megatron's step (torch's fused AdamW, then
+    # its copy); "auto" takes "triton" where it applies (CUDA, torch's AdamW, no
+    # precision-aware optimizer).
+    update_impl: Literal["auto", "triton", "megatron"] = "auto"
 
     def __post_init__(self):
         _positive("optimizer", self, "lr")
@@ -205,6 +210,10 @@ class OptimizerConfig:
                  "needs optimizer.distributed=true (megatron's distributed optimizer)")
         _require(self.precision_aware or not self.store_param_remainders,
                  "optimizer.store_param_remainders", "needs optimizer.precision_aware=true")
+        _one_of("optimizer.update_impl", self.update_impl, ("auto", "triton", "megatron"))
+        _require(not (self.precision_aware and self.update_impl == "triton"),
+                 "optimizer.update_impl", "triton cannot step the precision-aware optimizer "
+                 "(Transformer Engine's FusedAdam does its own update)")
 
 
 @dataclass(frozen=True)

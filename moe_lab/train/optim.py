@@ -13,6 +13,8 @@ in one multi-tensor reduction and the clipping folded into the fused AdamW kerne
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
 coefficient clip / (norm + 1e-6) when it is below 1. Any other optimizer (Transformer Engine's
 FusedAdam when TE is installed, the precision-aware optimizer) falls back to megatron's own step.
+On CUDA the update itself is train/master_adamw.py's kernel (`optimizer.update_impl`), which
+writes the bf16 weights in the same pass instead of megatron's copy after torch's AdamW.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from moe_lab.config import ExperimentConfig
+from moe_lab.train import master_adamw
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -67,6 +70,7 @@ def build_optimizer(cfg: ExperimentConfig, config, model: DistributedDataParalle
         [model],
     )
     _use_fused_adamw(optimizer)
+    _use_master_kernel(optimizer, o.update_impl)
     # The pipeline schedules read these hooks from the model config.
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -119,6 +123,24 @@ def _use_fused_adamw(optimizer) -> None:
         inner.defaults["fused"], inner.defaults["foreach"] = True, False
         inner.register_step_pre_hook(_steps_on_param_device)
         inner.moe_lab_fused = True
+
+
+def _use_master_kernel(optimizer, impl: str) -> None:
+    """train/master_adamw.py's kernel for every sub-optimizer, or for none of them."""
+    if impl == "megatron":
+        return
+    subs = _subs(optimizer)
+    reasons = [master_adamw.unsupported_reason(sub) for sub in subs]
+    if not fused_step_ready(optimizer):
+        reasons.append("megatron's step is not on the fused path (TE/apex Adam or "
+                       "precision-aware optimizer)")
+    reasons = [r for r in reasons if r]
+    if reasons:
+        if impl == "triton":
+            raise ValueError(f"optimizer.update_impl=triton: not possible here: {reasons[0]}")
+        return
+    for sub in subs:
+        sub.moe_lab_master_adamw = master_adamw.MasterAdamW(sub)
 
 
 def _steps_on_param_device(inner, args, kwargs) -> None:
@@ -175,10 +197,26 @@ def fused_update(optimizer, grad_norm: torch.Tensor, clip_grad: float) -> None:
     scale = None
     if clip_grad > 0:
         scale = torch.clamp((grad_norm + 1.0e-6) / clip_grad, min=1.0).to(torch.float32)
-    for sub in _subs(optimizer):
+    subs = _subs(optimizer)
+    if all(hasattr(sub, "moe_lab_master_adamw") for sub in subs):
+        for sub in subs:
+            sub.moe_lab_master_adamw.step(scale)
+            _gather_params(sub)
+        return
+    for sub in subs:
         sub.optimizer.grad_scale = scale
     try:
         optimizer.step_with_ready_grads()
     finally:
         for sub in _subs(optimizer):
             sub.optimizer.grad_scale = None
+
+
+def _gather_params(sub) -> None:
+    """The rest of megatron's DistributedOptimizer.step_with_ready_grads once the master weights
+    are copied: the all-gather of the updated shards over data parallel (a no-op for one rank);
+    overlapped gathers start from the next forward pass instead."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    if isinstance(sub, DistributedOptimizer) and not sub.ddp_config.overlap_param_gather:
+        sub.start_param_sync_for_bucket_group_subset()

@@ -1,0 +1,223 @@
+"""The fp32-master AdamW update as one Triton kernel that also writes the bf16 model weights.
+
+megatron-core's mixed-precision step runs the inner optimizer on the fp32 master weights
+(torch's fused AdamW: reads weight, gradient and both moments, writes weight and moments, 28
+bytes a parameter) and then copies every master weight into the bf16 weight the model computes
+with (`_copy_main_params_to_model_params`: reads the fp32 weight again, writes 2 bytes; 6 bytes).
+This kernel does both in one pass over the memory (30 bytes a parameter instead of 34) and reads
+each tensor through a table of addresses, so one launch covers every parameter of a param group.
+On Qwen1.5-MoE-A2.7B with 4 layers (2.9 billion parameters) that traffic is ~100 GB a step, the
+largest single item in a step at micro-batch 1 (docs/performance.md).
+
+Nothing else changes: the state stays torch.optim.AdamW's (`exp_avg`, `exp_avg_sq`, `step` per
+parameter, the same math as torch's fused kernel), so checkpoints, megatron's state dicts and
+train/optimizer_state.py read it as before. The step counters live on the CPU, so the bias
+corrections are host numbers and the update needs no synchronisation.
+
+It replaces megatron's `step_with_ready_grads` only where that is (inner step, copy, parameter
+all-gather): DistributedOptimizer and Float16OptimizerWithFloat16Params over a torch AdamW on CUDA
+fp32 master weights, without FSDP, FP8/FP4 parameter gathers or the precision-aware optimizer.
+`optimizer.update_impl=megatron` keeps megatron's step; `auto` uses this kernel where it applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton comes with torch's CUDA wheels; absent, the update stays megatron's
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+BLOCK = 4096  # elements per program: 16 KB of each fp32 stream
+
+
+def unsupported_reason(sub) -> str | None:
+    """Why this megatron (sub-)optimizer cannot take the kernel's update; None when it can."""
+    from megatron.core.optimizer import DistributedOptimizer, Float16OptimizerWithFloat16Params
+
+    if triton is None:
+        return "Triton is not installed"
+    if type(sub) not in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        return f"megatron's {type(sub).__name__} (fp32 training or another optimizer class)"
+    inner = getattr(sub, "optimizer", None)
+    if type(inner) is not torch.optim.AdamW:
+        return f"inner optimizer {type(inner).__name__}, not torch's AdamW"
+    cfg = sub.config
+    if sub.grad_scaler is not None or cfg.use_precision_aware_optimizer or cfg.reuse_grad_buf_for_mxfp8_param_ag:
+        return "a grad scaler, the precision-aware optimizer or MXFP8 buffer reuse"
+    if getattr(cfg, "overlap_param_gather_with_optimizer_step", False):
+        return "overlap_param_gather_with_optimizer_step"
+    ddp = getattr(sub, "ddp_config", None)
+    if ddp is not None and (ddp.use_megatron_fsdp or ddp.fp8_param_gather
+                            or getattr(ddp, "fp4_param_gather", False)):
+        return "Megatron-FSDP or an FP8/FP4 parameter gather"
+    for group in inner.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+            return "amsgrad, maximize or differentiable AdamW"
+        for p in group["params"]:
+            if p.dtype != torch.float32 or p.device.type != "cuda":
+                return f"a master weight of {p.dtype} on {p.device}, not fp32 on CUDA"
+    return None
+
+
+def model_copies(sub) -> dict[int, torch.Tensor | None]:
+    """id(master weight) -> the bf16 tensor megatron's copy would write it to (None: the master
+    weight is the model's own fp32 weight). Same addressing as megatron's
+    `_copy_main_params_to_model_params` for each optimizer class."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    copies: dict[int, torch.Tensor | None] = {}
+    if isinstance(sub, DistributedOptimizer):
+        pairs = zip(sub.model_float16_groups, sub.shard_fp32_from_float16_groups)
+        for model_group, main_group in pairs:
+            for model_param, main_param in zip(model_group, main_group):
+                world = sub._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                gbuf, _, bucket = sub.model_param_gbuf_map[model_param]
+                data = sub.buffers[gbuf].buckets[bucket].param_data.view(-1)
+                copies[id(main_param)] = data[world.start:world.end]
+        for main_group in sub.shard_fp32_groups:
+            copies.update({id(p): None for p in main_group})
+    else:
+        for model_group, main_group in zip(sub.float16_groups, sub.fp32_from_float16_groups):
+            copies.update({id(main): model.data.view(-1)
+                           for model, main in zip(model_group, main_group)})
+        for main_group in sub.fp32_from_fp32_groups:
+            copies.update({id(p): None for p in main_group})
+    return copies
+
+
+@dataclass
+class _Launch:
+    """Device tables for one kernel launch over a list of same-shaped-role tensors."""
+
+    key: tuple
+    addresses: torch.Tensor  # int64 [4 or 5, tensors]: weight, grad, exp_avg, exp_avg_sq[, bf16]
+    numels: torch.Tensor  # int64 [tensors]
+    block_tensor: torch.Tensor  # int32 [blocks]: which tensor a program works on
+    block_start: torch.Tensor  # int64 [blocks]: its first element
+    aligned: bool  # every address 16-byte aligned: vector loads
+
+
+def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device) -> _Launch:
+    numels = [t.numel() for t in tensors[0]]
+    blocks = [math.ceil(n / BLOCK) for n in numels]
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
+                                           torch.tensor(blocks))
+    block_start = torch.cat([torch.arange(b, dtype=torch.int64) * BLOCK for b in blocks])
+    addresses = torch.tensor([[t.data_ptr() for t in role] for role in tensors],
+                             dtype=torch.int64)
+    return _Launch(key, addresses.to(device), torch.tensor(numels).to(device),
+                   block_tensor.to(device), block_start.to(device),
+                   aligned=bool((addresses % 16 == 0).all()))
+
+
+class MasterAdamW:
+    """Steps one megatron (sub-)optimizer's inner torch AdamW with the kernel."""
+
+    def __init__(self, sub):
+        self.sub, self.inner = sub, sub.optimizer
+        self.copies = model_copies(sub)
+        self.launches: dict[tuple, _Launch] = {}
+
+    @torch.no_grad()
+    def step(self, grad_scale: torch.Tensor | None) -> None:
+        for index, group in enumerate(self.inner.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            by_step: dict[float, list[torch.Tensor]] = {}
+            for p in params:
+                by_step.setdefault(self._count_step(p), []).append(p)
+            for step, same_step in by_step.items():
+                with_copy = [p for p in same_step if self.copies.get(id(p)) is not None]
+                without = [p for p in same_step if self.copies.get(id(p)) is None]
+                for chunk in (with_copy, without):
+                    if chunk:
+                        self._launch(index, group, step, chunk, grad_scale)
+
+    def _count_step(self, p: torch.Tensor) -> float:
+        """Adam's state for p (created as torch's AdamW would), its step counted on the CPU."""
+        state = self.inner.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device.type != "cpu":  # from torch's fused step: once, then on the CPU
+            state["step"] = state["step"].to("cpu", torch.float32)
+        state["step"] += 1
+        return float(state["step"])
+
+    def _launch(self, index, group, step, params, grad_scale) -> None:
+        states = [self.inner.state[p] for p in params]
+        roles = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                 [s["exp_avg_sq"] for s in states]]
+        copies = [self.copies.get(id(p)) for p in params]
+        if copies[0] is not None:
+            roles.append(copies)
+        key = tuple(t.data_ptr() for role in roles for t in role)
+        launch = self.launches.get((index, len(roles)))
+        if launch is None or launch.key != key:
+            launch = _build_launch(key, roles, params[0].device)
+            self.launches[(index, len(roles))] = launch
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        update(launch, grad_scale, lr=lr, weight_decay=float(group["weight_decay"]),
+               beta1=beta1, beta2=beta2, eps=group["eps"],
+               step_size=lr / (1 - beta1 ** step), bc2_sqrt=math.sqrt(1 - beta2 ** step),
+               grad_bf16=params[0].grad.dtype == torch.bfloat16)
+
+
+def update(launch: _Launch, grad_scale, *, lr, weight_decay, beta1, beta2, eps, step_size,
+           bc2_sqrt, grad_bf16) -> None:
+    n_tensors = launch.addresses.shape[1]
+    scale = grad_scale if grad_scale is not None else launch.numels  # unread without HAS_SCALE
+    _adamw_kernel[(launch.block_tensor.numel(),)](
+        launch.block_tensor, launch.block_start, launch.addresses, launch.numels, n_tensors,
+        scale, lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
+        HAS_SCALE=grad_scale is not None, HAS_COPY=launch.addresses.shape[0] == 5,
+        GRAD_BF16=grad_bf16, ALIGNED=launch.aligned, BLOCK=BLOCK, num_warps=8)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _address(addresses, role, n_tensors, t, dtype, ALIGNED: tl.constexpr):
+        address = tl.load(addresses + role * n_tensors + t)
+        if ALIGNED:
+            address = tl.multiple_of(address, 16)
+        return address.to(tl.pointer_type(dtype))
+
+    @triton.jit
+    def _adamw_kernel(block_tensor, block_start, addresses, numels, n_tensors, grad_scale,
+                      lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
+                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, GRAD_BF16: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < tl.load(numels + t)
+        grad_type = tl.bfloat16 if GRAD_BF16 else tl.float32
+        p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED) + offsets
+        g_ptr = _address(addresses, 1, n_tensors, t, grad_type, ALIGNED) + offsets
+        m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED) + offsets
+        v_ptr = _address(addresses, 3, n_tensors, t, tl.float32, ALIGNED) + offsets
+        p = tl.load(p_ptr, mask=mask)
+        g = tl.load(g_ptr, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr, mask=mask)
+        v = tl.load(v_ptr, mask=mask)
+        if HAS_SCALE:  # gradient clipping: torch's fused AdamW divides by grad_scale
+            g = g / tl.load(grad_scale)
+        # torch's fused AdamW, term for term (aten/src/ATen/native/cuda/fused_adam_utils.cuh)
+        p = p - lr_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(p_ptr, p, mask=mask)
+        tl.store(m_ptr, m, mask=mask)
+        tl.store(v_ptr, v, mask=mask)
+        if HAS_COPY:
+            out_ptr = _address(addresses, 4, n_tensors, t, tl.bfloat16, ALIGNED) + offsets
+            tl.store(out_ptr, p.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)

@@ -1,0 +1,89 @@
+"""Run by tests/train/test_master_adamw.py in a child process with TRITON_INTERPRET=1 (Triton
+reads it when the kernel is defined): steps tiny_moe on the CPU with megatron's update (torch's
+fused AdamW, then megatron's copy into the bf16 weights) and with train/master_adamw.py's kernel
+run by Triton's interpreter, and prints what the test compares as JSON.
+
+One step is compared: the interpreter rounds fp32 to bf16 by truncation where the GPU rounds to
+nearest even, so from the second step on the two runs compute with different bf16 weights
+(tests/gpu/test_master_adamw.py compares whole runs on the GPU).
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from moe_lab import config as C
+from moe_lab.compat import enable_cpu_compat
+from moe_lab.data import SyntheticTokens
+from moe_lab.launch.distributed import detect_env, init_distributed
+from moe_lab.train import master_adamw
+from moe_lab.train.loop import build_training
+from moe_lab.train.step import Trainer
+
+# bf16 weights (so megatron's copy and the kernel's bf16 write both act) and clipping (so the
+# kernel's grad_scale acts); the distributed optimizer is the default.
+OVERRIDES = ["tracking.enabled=false", "optimizer.clip_grad=0.3", "optimizer.warmup_steps=0",
+             "training.precision=bf16", "optimizer.update_impl=megatron"]
+
+
+def truncated(x: torch.Tensor) -> torch.Tensor:
+    return (x.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+def max_rel(got, ref) -> float:
+    return max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-12))
+               for x, y in zip(got, ref))
+
+
+def train(tiny_moe: str, kernel: bool, steps: int) -> dict:
+    cfg = C.load(tiny_moe, OVERRIDES)
+    config, model, optimizer, scheduler = build_training(cfg, use_gpu=False)
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if kernel:  # as build_optimizer does on CUDA
+        for sub in subs:
+            sub.moe_lab_master_adamw = master_adamw.MasterAdamW(sub)
+    data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
+    trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
+    out = {"grad_norm": [], "launches": []}
+    for step in range(steps):
+        batches = [data.batch(list(range(step * 8 + m, step * 8 + m + 4))) for m in (0, 4)]
+        out["grad_norm"].append(trainer.step(step, batches)["grad_norm"])
+        if kernel:
+            out["launches"].append([id(launch) for sub in subs
+                                    for launch in sub.moe_lab_master_adamw.launches.values()])
+        if step == 0:
+            out["masters"] = [p.detach().clone() for sub in subs
+                              for g in sub.optimizer.param_groups for p in g["params"]]
+            out["moments"] = [s[k].clone() for sub in subs for s in sub.optimizer.state.values()
+                              for k in ("exp_avg", "exp_avg_sq")]
+            pairs = [(copy, p) for sub in subs for g in sub.optimizer.param_groups
+                     for p in g["params"]
+                     if (copy := master_adamw.model_copies(sub)[id(p)]) is not None]
+            out["copies"] = len(pairs)
+            round_ = truncated if kernel else (lambda x: x.to(torch.bfloat16))
+            out["copies_exact"] = all(torch.equal(c, round_(p.detach()).view(-1))
+                                      for c, p in pairs)
+    out["steps"] = sorted({float(s["step"]) for sub in subs for s in sub.optimizer.state.values()})
+    out["step_devices"] = sorted({s["step"].device.type for sub in subs
+                                  for s in sub.optimizer.state.values()})
+    return out
+
+
+if __name__ == "__main__":
+    tiny_moe = sys.argv[1]
+    enable_cpu_compat()
+    init_distributed(C.load(tiny_moe), detect_env({}), use_gpu=False)
+    ref, got = train(tiny_moe, kernel=False, steps=1), train(tiny_moe, kernel=True, steps=2)
+    print(json.dumps({
+        "interpreted": os.environ.get("TRITON_INTERPRET") == "1",
+        "grad_norm_step1": [ref["grad_norm"][0], got["grad_norm"][0]],
+        "masters_max_rel": max_rel(got["masters"], ref["masters"]),
+        "moments_max_rel": max_rel(got["moments"], ref["moments"]),
+        "copies": [ref["copies"], got["copies"]],
+        "copies_exact": [ref["copies_exact"], got["copies_exact"]],
+        "launches_reused": got["launches"][0] == got["launches"][1] and bool(got["launches"][0]),
+        "steps": got["steps"],
+        "step_devices": got["step_devices"],
+    }))

@@ -1,0 +1,60 @@
+"""train/master_adamw.py: the fp32-master AdamW update as one Triton kernel writing the bf16
+weights too. The kernel's arithmetic and addressing are checked on the CPU through Triton's
+interpreter against megatron's update; where it may be used is checked in this process.
+tests/gpu/test_master_adamw.py compares whole training runs on the GPU.
+
+Run: pytest tests/train/test_master_adamw.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_lab import config as C
+from moe_lab.train import master_adamw
+from moe_lab.train.loop import build_training
+
+from ..conftest import REPO, TINY_MOE
+
+
+def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_master_adamw",
+                             TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["interpreted"]
+    assert got["grad_norm_step1"][0] > 0.3  # clip_grad=0.3: the kernel's grad_scale acts
+    assert got["grad_norm_step1"][1] == got["grad_norm_step1"][0]
+    # torch's fused AdamW and the kernel: same formula, fp32 rounding apart
+    assert got["masters_max_rel"] < 1e-6
+    assert got["moments_max_rel"] < 1e-6
+    # every bf16 weight of the model is written, from the updated master weight
+    assert got["copies"][0] == got["copies"][1] > 0
+    assert got["copies_exact"] == [True, True]
+    assert got["launches_reused"]  # the address tables are built once
+    assert got["steps"] == [2.0] and got["step_devices"] == ["cpu"]
+
+
+def test_cpu_training_keeps_megatrons_update_and_triton_is_refused(world):
+    cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16"])
+    _, _, optimizer, _ = build_training(cfg, use_gpu=False)
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    assert "not fp32 on CUDA" in master_adamw.unsupported_reason(subs[0])
+    assert not any(hasattr(sub, "moe_lab_master_adamw") for sub in subs)  # auto: megatron's
+    cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16",
+                            "optimizer.update_impl=triton"])
+    with pytest.raises(ValueError, match="optimizer.update_impl=triton: not possible here"):
+        build_training(cfg, use_gpu=False)
+
+
+def test_update_impl_is_checked_with_the_config():
+    with pytest.raises(ValueError, match="optimizer.update_impl"):
+        C.load(TINY_MOE, ["optimizer.update_impl=fast"])
+    with pytest.raises(ValueError, match="optimizer.update_impl"):
+        C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
+                          "training.precision=bf16"])
