@@ -12,6 +12,8 @@
 #  pytest        pytest tests/gpu (numerics and two-GPU layouts), reports as JSON;
 #  lmloss        pytest tests/gpu/test_lm_loss.py only (fused LM loss against the unfused one);
 #  gpu1          pytest tests/gpu/test_backends.py (one GPU: torch backend against local in bf16);
+#  adamw         pytest tests/gpu/test_master_adamw.py (the fp32-master AdamW kernel against
+#                megatron's update: training curves, the kernel alone against torch's + copy);
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
@@ -192,6 +194,10 @@ EOF
     done ;;
   gpu1)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest tests/gpu/test_backends.py \
+      -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
+    ;;
+  adamw)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_master_adamw.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   lmloss)
