@@ -14,6 +14,8 @@
 #  gpu1          pytest tests/gpu/test_backends.py (one GPU: torch backend against local in bf16);
 #  adamw         pytest tests/gpu/test_master_adamw.py (the fp32-master AdamW kernel against
 #                megatron's update: training curves, the kernel alone against torch's + copy);
+#  adamwprobe    scripts/adamw_probe.py: that kernel's block sizes and warps, against torch's
+#                fused AdamW + copy and against the same arithmetic on one flat buffer;
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
@@ -200,6 +202,8 @@ EOF
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_master_adamw.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
+  adamwprobe) timeout 200 python3 scripts/adamw_probe.py --out "$res/adamw_probe.json" \
+        2>&1 | quiet > "$res/$stage.log" ;;
   lmloss)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_lm_loss.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"

@@ -93,27 +93,32 @@ def model_copies(sub) -> dict[int, torch.Tensor | None]:
 
 @dataclass
 class _Launch:
-    """Device tables for one kernel launch over a list of same-shaped-role tensors."""
+    """Device tables for one kernel launch over a list of tensors."""
 
     key: tuple
     addresses: torch.Tensor  # int64 [4 or 5, tensors]: weight, grad, exp_avg, exp_avg_sq[, bf16]
     numels: torch.Tensor  # int64 [tensors]
-    block_tensor: torch.Tensor  # int32 [blocks]: which tensor a program works on
-    block_start: torch.Tensor  # int64 [blocks]: its first element
+    block_tensor: torch.Tensor  # int32 [programs]: which tensor a program works on
+    block_index: torch.Tensor  # int32 [programs]: which of its blocks
     aligned: bool  # every address 16-byte aligned: vector loads
+    block: int
 
 
-def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device) -> _Launch:
+def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
+                  block: int = BLOCK) -> _Launch:
+    for role in tensors:
+        for t in role:
+            if not t.is_contiguous():
+                raise ValueError(f"master_adamw: a non-contiguous tensor of shape {tuple(t.shape)}")
     numels = [t.numel() for t in tensors[0]]
-    blocks = [math.ceil(n / BLOCK) for n in numels]
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
-                                           torch.tensor(blocks))
-    block_start = torch.cat([torch.arange(b, dtype=torch.int64) * BLOCK for b in blocks])
+    blocks = torch.tensor([math.ceil(n / block) for n in numels])
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+    block_index = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks.tolist()])
     addresses = torch.tensor([[t.data_ptr() for t in role] for role in tensors],
                              dtype=torch.int64)
     return _Launch(key, addresses.to(device), torch.tensor(numels).to(device),
-                   block_tensor.to(device), block_start.to(device),
-                   aligned=bool((addresses % 16 == 0).all()))
+                   block_tensor.to(device), block_index.to(device),
+                   aligned=bool((addresses % 16 == 0).all()), block=block)
 
 
 class MasterAdamW:
@@ -171,14 +176,14 @@ class MasterAdamW:
 
 
 def update(launch: _Launch, grad_scale, *, lr, weight_decay, beta1, beta2, eps, step_size,
-           bc2_sqrt, grad_bf16) -> None:
+           bc2_sqrt, grad_bf16, num_warps: int = 8) -> None:
     n_tensors = launch.addresses.shape[1]
     scale = grad_scale if grad_scale is not None else launch.numels  # unread without HAS_SCALE
     _adamw_kernel[(launch.block_tensor.numel(),)](
-        launch.block_tensor, launch.block_start, launch.addresses, launch.numels, n_tensors,
+        launch.block_tensor, launch.block_index, launch.addresses, launch.numels, n_tensors,
         scale, lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
         HAS_SCALE=grad_scale is not None, HAS_COPY=launch.addresses.shape[0] == 5,
-        GRAD_BF16=grad_bf16, ALIGNED=launch.aligned, BLOCK=BLOCK, num_warps=8)
+        GRAD_BF16=grad_bf16, ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps)
 
 
 if triton is not None:
@@ -186,28 +191,19 @@ if triton is not None:
     @triton.jit
     def _address(addresses, role, n_tensors, t, dtype, ALIGNED: tl.constexpr):
         address = tl.load(addresses + role * n_tensors + t)
-        if ALIGNED:
+        if ALIGNED:  # the host checked: lets Triton use 16-byte vector loads
             address = tl.multiple_of(address, 16)
         return address.to(tl.pointer_type(dtype))
 
     @triton.jit
-    def _adamw_kernel(block_tensor, block_start, addresses, numels, n_tensors, grad_scale,
-                      lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, GRAD_BF16: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = offsets < tl.load(numels + t)
-        grad_type = tl.bfloat16 if GRAD_BF16 else tl.float32
-        p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED) + offsets
-        g_ptr = _address(addresses, 1, n_tensors, t, grad_type, ALIGNED) + offsets
-        m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED) + offsets
-        v_ptr = _address(addresses, 3, n_tensors, t, tl.float32, ALIGNED) + offsets
-        p = tl.load(p_ptr, mask=mask)
-        g = tl.load(g_ptr, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr, mask=mask)
-        v = tl.load(v_ptr, mask=mask)
+    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
+                     beta1, beta2, eps, step_size, bc2_sqrt, MASKED: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr):
+        mask = offsets < n if MASKED else None
+        p = tl.load(p_ptr + offsets, mask=mask)
+        g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=mask)
+        v = tl.load(v_ptr + offsets, mask=mask)
         if HAS_SCALE:  # gradient clipping: torch's fused AdamW divides by grad_scale
             g = g / tl.load(grad_scale)
         # torch's fused AdamW, term for term (aten/src/ATen/native/cuda/fused_adam_utils.cuh)
@@ -215,9 +211,34 @@ if triton is not None:
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        tl.store(p_ptr, p, mask=mask)
-        tl.store(m_ptr, m, mask=mask)
-        tl.store(v_ptr, v, mask=mask)
+        tl.store(p_ptr + offsets, p, mask=mask)
+        tl.store(m_ptr + offsets, m, mask=mask)
+        tl.store(v_ptr + offsets, v, mask=mask)
         if HAS_COPY:
-            out_ptr = _address(addresses, 4, n_tensors, t, tl.bfloat16, ALIGNED) + offsets
-            tl.store(out_ptr, p.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(out_ptr + offsets, p.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _adamw_kernel(block_tensor, block_index, addresses, numels, n_tensors, grad_scale,
+                      lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
+                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, GRAD_BF16: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        n = tl.load(numels + t)
+        p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
+        g_ptr = _address(addresses, 1, n_tensors, t, tl.bfloat16 if GRAD_BF16 else tl.float32,
+                         ALIGNED)
+        m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED)
+        v_ptr = _address(addresses, 3, n_tensors, t, tl.float32, ALIGNED)
+        out_ptr = p_ptr  # unused without HAS_COPY
+        if HAS_COPY:
+            out_ptr = _address(addresses, 4, n_tensors, t, tl.bfloat16, ALIGNED)
+        # Only a tensor's last block is masked: an unknown bound would stop vector loads.
+        if start + BLOCK <= n:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
+                         beta1, beta2, eps, step_size, bc2_sqrt, False, HAS_SCALE, HAS_COPY)
+        else:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
+                         beta1, beta2, eps, step_size, bc2_sqrt, True, HAS_SCALE, HAS_COPY)

@@ -1,0 +1,103 @@
+"""GPU probe for train/master_adamw.py: the fp32-master AdamW update of shape A's largest
+tensors timed as torch's fused AdamW + a copy into bf16 (megatron's step), as the kernel with
+several block sizes and warp counts, and as the same arithmetic on one flat buffer with plain
+pointer arguments (what Triton reaches without address tables). Prints JSON.
+
+Run on a GPU: python scripts/adamw_probe.py [--out probe.json]
+"""
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_lab.train import master_adamw as M
+
+NUMELS = [151936 * 2048, 60 * 2 * 1408 * 2048, 60 * 1408 * 2048, 2048 * 2048, 4097, 1]
+HYPER = dict(lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+@triton.jit
+def _flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, lr_decay, beta1, beta2, eps,
+                 step_size, bc2_sqrt, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    M._adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay, beta1,
+                   beta2, eps, step_size, bc2_sqrt, True, True, True)
+
+
+def time_ms(fn, repeat=10):
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    params = sum(NUMELS)
+    scale = torch.tensor([2.0], device="cuda")
+    step = 3
+    scalars = dict(step_size=HYPER["lr"] / (1 - HYPER["beta1"] ** step),
+                   bc2_sqrt=math.sqrt(1 - HYPER["beta2"] ** step))
+    rows = {}
+
+    def fresh():
+        return ([torch.randn(n, device="cuda") for n in NUMELS] for _ in range(4))
+
+    # megatron's step: torch's fused AdamW, then the copy
+    ps, gs, _, _ = fresh()
+    ref = [torch.nn.Parameter(p) for p in ps]
+    for r, g in zip(ref, gs):
+        r.grad = g
+    adamw = torch.optim.AdamW(ref, lr=HYPER["lr"], betas=(0.9, 0.95), eps=1e-8,
+                              weight_decay=0.1, fused=True)
+    adamw.grad_scale = scale
+    copies = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for n in NUMELS]
+
+    def torch_step():
+        adamw.step()
+        torch._foreach_copy_(copies, [r.detach() for r in ref])
+
+    rows["torch_fused_adamw+copy"] = time_ms(torch_step)
+    del ref, adamw, ps, gs
+    torch.cuda.empty_cache()
+
+    ps, gs, ms, vs = fresh()
+    for m, v in zip(ms, vs):
+        m.zero_(), v.zero_()
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
+                         (8192, 16)):
+        launch = M._build_launch(None, [ps, gs, ms, vs, copies], "cuda", block=block)
+        rows[f"kernel_block{block}_warps{warps}"] = time_ms(lambda: M.update(
+            launch, scale, **HYPER, **scalars, grad_bf16=False, num_warps=warps))
+        rows["aligned"] = launch.aligned
+    del ps, gs, ms, vs
+    torch.cuda.empty_cache()
+
+    flat = [torch.randn(params, device="cuda") for _ in range(4)]
+    out = torch.empty(params, device="cuda", dtype=torch.bfloat16)
+    for block, warps in ((2048, 4), (4096, 8)):
+        rows[f"flat_block{block}_warps{warps}"] = time_ms(lambda: _flat_kernel[
+            (math.ceil(params / block),)](*flat, out, params, scale, 3e-5, 0.9, 0.95, 1e-8,
+                                          scalars["step_size"], scalars["bc2_sqrt"], BLOCK=block,
+                                          num_warps=warps))
+    result = {"params": params, "ms": rows,
+              "GBps": {k: (34 if k.startswith("torch") else 30) * params / v / 1e6
+                       for k, v in rows.items() if isinstance(v, float)}}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
