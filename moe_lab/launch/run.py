@@ -89,6 +89,9 @@ def _use_gpu(cfg: ExperimentConfig) -> bool:
     if torch.cuda.is_available():
         check_transformer_engine(cfg)
         return True
+    if cfg.optimizer.update_impl == "triton":
+        raise ConfigError("optimizer.update_impl: triton needs a GPU; use auto or megatron on "
+                          "the CPU", key="optimizer.update_impl")
     if cfg.training.precision != "fp32":
         raise ConfigError(f"training.precision: {cfg.training.precision} needs a GPU; "
                           "use fp32 on the CPU", key="training.precision")
@@ -104,6 +107,10 @@ def check_transformer_engine(cfg: ExperimentConfig) -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformer_engine") is not None:
+        if cfg.optimizer.update_impl == "triton":  # megatron then builds TE's FusedAdam
+            raise ConfigError("optimizer.update_impl: triton steps torch's AdamW, but with "
+                              "Transformer Engine installed megatron-core uses TE's FusedAdam; "
+                              "use auto", key="optimizer.update_impl")
         return
     if cfg.model.backend == "te":
         raise ConfigError("model.backend: te needs Transformer Engine, which is not installed; "

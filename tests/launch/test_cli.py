@@ -53,6 +53,7 @@ def test_config_show_prints_resolved_config_and_derived_numbers():
     (["train", TINY_MOE, "model.hidden_sze=3"], "model.hidden_sze: unknown key"),
     (["train", TINY_MOE, "parallel.ep=3"], "parallel.ep: moe.num_experts 8 is not divisible"),
     (["train", TINY_MOE, "training.precision=bf16"], "training.precision: bf16 needs a GPU"),
+    (["train", TINY_MOE, "optimizer.update_impl=triton"], "optimizer.update_impl: triton needs a GPU"),
     (["config", "show", "no-such-preset"], "no-such-preset: no such config file or preset"),
     (["config", "show", TINY_MOE, "moe.router.name=top2"], "moe.router.name: unknown router"),
     (["sweep", "no-such-sweep.yaml"], "no-such-sweep.yaml: no such sweep file"),
