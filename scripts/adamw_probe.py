@@ -78,7 +78,7 @@ def main():
                          (8192, 16)):
         launch = M._build_launch(None, [ps, gs, ms, vs, copies], "cuda", block=block)
         rows[f"kernel_block{block}_warps{warps}"] = time_ms(lambda: M.update(
-            launch, scale, **HYPER, **scalars, grad_bf16=False, num_warps=warps))
+            launch, scale, **HYPER, **scalars, num_warps=warps))
         rows["aligned"] = launch.aligned
     del ps, gs, ms, vs
     torch.cuda.empty_cache()

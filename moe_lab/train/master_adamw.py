@@ -50,7 +50,8 @@ def unsupported_reason(sub) -> str | None:
     if type(inner) is not torch.optim.AdamW:
         return f"inner optimizer {type(inner).__name__}, not torch's AdamW"
     cfg = sub.config
-    if sub.grad_scaler is not None or cfg.use_precision_aware_optimizer or cfg.reuse_grad_buf_for_mxfp8_param_ag:
+    if (sub.grad_scaler is not None or cfg.use_precision_aware_optimizer
+            or cfg.reuse_grad_buf_for_mxfp8_param_ag):
         return "a grad scaler, the precision-aware optimizer or MXFP8 buffer reuse"
     if getattr(cfg, "overlap_param_gather_with_optimizer_step", False):
         return "overlap_param_gather_with_optimizer_step"
@@ -99,6 +100,8 @@ class _Launch:
 
     key: tuple
     addresses: torch.Tensor  # int64 [4 or 5, tensors]: weight, grad, exp_avg, exp_avg_sq[, bf16]
+    # (all fp32 but the bf16 copy: megatron's main gradients are fp32 outside the
+    # precision-aware optimizer)
     numels: torch.Tensor  # int64 [tensors]
     block_tensor: torch.Tensor  # int32 [programs]: which tensor a program works on
     block_index: torch.Tensor  # int32 [programs]: which of its blocks
@@ -164,28 +167,29 @@ class MasterAdamW:
         copies = [self.copies.get(id(p)) for p in params]
         if copies[0] is not None:
             roles.append(copies)
+        # The tables stay valid while no tensor moves (a loaded checkpoint may replace them).
         key = tuple(t.data_ptr() for role in roles for t in role)
-        launch = self.launches.get((index, len(roles)))
+        slot = (index, id(params[0]), len(roles))
+        launch = self.launches.get(slot)
         if launch is None or launch.key != key:
             launch = _build_launch(key, roles, params[0].device)
-            self.launches[(index, len(roles))] = launch
+            self.launches[slot] = launch
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         update(launch, grad_scale, lr=lr, weight_decay=float(group["weight_decay"]),
                beta1=beta1, beta2=beta2, eps=group["eps"],
-               step_size=lr / (1 - beta1 ** step), bc2_sqrt=math.sqrt(1 - beta2 ** step),
-               grad_bf16=params[0].grad.dtype == torch.bfloat16)
+               step_size=lr / (1 - beta1 ** step), bc2_sqrt=math.sqrt(1 - beta2 ** step))
 
 
 def update(launch: _Launch, grad_scale, *, lr, weight_decay, beta1, beta2, eps, step_size,
-           bc2_sqrt, grad_bf16, num_warps: int = NUM_WARPS) -> None:
+           bc2_sqrt, num_warps: int = NUM_WARPS) -> None:
     n_tensors = launch.addresses.shape[1]
     scale = grad_scale if grad_scale is not None else launch.numels  # unread without HAS_SCALE
     _adamw_kernel[(launch.block_tensor.numel(),)](
         launch.block_tensor, launch.block_index, launch.addresses, launch.numels, n_tensors,
         scale, lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
         HAS_SCALE=grad_scale is not None, HAS_COPY=launch.addresses.shape[0] == 5,
-        GRAD_BF16=grad_bf16, ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps)
+        ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps)
 
 
 if triton is not None:
@@ -203,7 +207,7 @@ if triton is not None:
                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr):
         mask = offsets < n if MASKED else None
         p = tl.load(p_ptr + offsets, mask=mask)
-        g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=mask)
         m = tl.load(m_ptr + offsets, mask=mask)
         v = tl.load(v_ptr + offsets, mask=mask)
         if HAS_SCALE:  # gradient clipping: torch's fused AdamW divides by grad_scale
@@ -222,16 +226,15 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(block_tensor, block_index, addresses, numels, n_tensors, grad_scale,
                       lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, GRAD_BF16: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_index + pid).to(tl.int64) * BLOCK
         offsets = start + tl.arange(0, BLOCK)
         n = tl.load(numels + t)
         p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
-        g_ptr = _address(addresses, 1, n_tensors, t, tl.bfloat16 if GRAD_BF16 else tl.float32,
-                         ALIGNED)
+        g_ptr = _address(addresses, 1, n_tensors, t, tl.float32, ALIGNED)
         m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED)
         v_ptr = _address(addresses, 3, n_tensors, t, tl.float32, ALIGNED)
         out_ptr = p_ptr  # unused without HAS_COPY

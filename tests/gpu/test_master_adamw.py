@@ -69,7 +69,7 @@ def test_kernel_matches_torch_fused_adamw_and_beats_it_with_the_copy():
     def ours(step):
         M.update(launch, scale, lr=hyper["lr"], weight_decay=hyper["weight_decay"],
                  beta1=0.9, beta2=0.95, eps=hyper["eps"], step_size=hyper["lr"] / (1 - 0.9 ** step),
-                 bc2_sqrt=math.sqrt(1 - 0.95 ** step), grad_bf16=False)
+                 bc2_sqrt=math.sqrt(1 - 0.95 ** step))
 
     def theirs():
         torch_adamw.grad_scale = scale

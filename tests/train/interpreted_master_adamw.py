@@ -37,8 +37,8 @@ def max_rel(got, ref) -> float:
                for x, y in zip(got, ref))
 
 
-def train(tiny_moe: str, kernel: bool, steps: int) -> dict:
-    cfg = C.load(tiny_moe, OVERRIDES)
+def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
+    cfg = C.load(tiny_moe, OVERRIDES + extra)
     config, model, optimizer, scheduler = build_training(cfg, use_gpu=False)
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
     if kernel:  # as build_optimizer does on CUDA
@@ -46,7 +46,7 @@ def train(tiny_moe: str, kernel: bool, steps: int) -> dict:
             sub.moe_lab_master_adamw = master_adamw.MasterAdamW(sub)
     data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
     trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
-    out = {"grad_norm": [], "launches": []}
+    out = {"grad_norm": [], "launches": [], "optimizers": sorted({type(s).__name__ for s in subs})}
     for step in range(steps):
         batches = [data.batch(list(range(step * 8 + m, step * 8 + m + 4))) for m in (0, 4)]
         out["grad_norm"].append(trainer.step(step, batches)["grad_norm"])
@@ -72,11 +72,13 @@ def train(tiny_moe: str, kernel: bool, steps: int) -> dict:
 
 
 if __name__ == "__main__":
-    tiny_moe = sys.argv[1]
+    tiny_moe, extra = sys.argv[1], sys.argv[2:]  # extra: config overrides
     enable_cpu_compat()
     init_distributed(C.load(tiny_moe), detect_env({}), use_gpu=False)
-    ref, got = train(tiny_moe, kernel=False, steps=1), train(tiny_moe, kernel=True, steps=2)
+    ref = train(tiny_moe, kernel=False, steps=1, extra=extra)
+    got = train(tiny_moe, kernel=True, steps=2, extra=extra)
     print(json.dumps({
+        "optimizers": got["optimizers"],
         "interpreted": os.environ.get("TRITON_INTERPRET") == "1",
         "grad_norm_step1": [ref["grad_norm"][0], got["grad_norm"][0]],
         "masters_max_rel": max_rel(got["masters"], ref["masters"]),

@@ -20,14 +20,17 @@ from moe_lab.train.loop import build_training
 from ..conftest import REPO, TINY_MOE
 
 
-def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights():
+@pytest.mark.parametrize("distributed, optimizer", [
+    ("true", "DistributedOptimizer"), ("false", "Float16OptimizerWithFloat16Params")])
+def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(distributed, optimizer):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_master_adamw",
-                             TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+                             TINY_MOE, f"optimizer.distributed={distributed}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["interpreted"]
+    assert got["optimizers"] == [optimizer]
     assert got["grad_norm_step1"][0] > 0.3  # clip_grad=0.3: the kernel's grad_scale acts
     assert got["grad_norm_step1"][1] == got["grad_norm_step1"][0]
     # torch's fused AdamW and the kernel: same formula, fp32 rounding apart
