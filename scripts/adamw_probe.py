@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_lab.bench.timing import cuda_event_ms
 from moe_lab.train import master_adamw as M
 
 NUMELS = [151936 * 2048, 60 * 2 * 1408 * 2048, 60 * 1408 * 2048, 2048 * 2048, 4097, 1]
@@ -26,17 +27,6 @@ def _flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, lr_decay, b
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     M._adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay, beta1,
                    beta2, eps, step_size, bc2_sqrt, True, True, True)
-
-
-def time_ms(fn, repeat=10):
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def main():
@@ -67,7 +57,7 @@ def main():
         adamw.step()
         torch._foreach_copy_(copies, [r.detach() for r in ref])
 
-    rows["torch_fused_adamw+copy"] = time_ms(torch_step)
+    rows["torch_fused_adamw+copy"] = cuda_event_ms(torch_step)
     del ref, adamw, ps, gs
     torch.cuda.empty_cache()
 
@@ -77,7 +67,7 @@ def main():
     for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
                          (8192, 16)):
         launch = M._build_launch(None, [ps, gs, ms, vs, copies], "cuda", block=block)
-        rows[f"kernel_block{block}_warps{warps}"] = time_ms(lambda: M.update(
+        rows[f"kernel_block{block}_warps{warps}"] = cuda_event_ms(lambda: M.update(
             launch, scale, **HYPER, **scalars, num_warps=warps))
         rows["aligned"] = launch.aligned
     del ps, gs, ms, vs
@@ -86,7 +76,7 @@ def main():
     flat = [torch.randn(params, device="cuda") for _ in range(4)]
     out = torch.empty(params, device="cuda", dtype=torch.bfloat16)
     for block, warps in ((2048, 4), (4096, 8)):
-        rows[f"flat_block{block}_warps{warps}"] = time_ms(lambda: _flat_kernel[
+        rows[f"flat_block{block}_warps{warps}"] = cuda_event_ms(lambda: _flat_kernel[
             (math.ceil(params / block),)](*flat, out, params, scale, 3e-5, 0.9, 0.95, 1e-8,
                                           scalars["step_size"], scalars["bc2_sqrt"], BLOCK=block,
                                           num_warps=warps))

@@ -66,3 +66,15 @@ def _kernel_time_ms(step, steps: int) -> float:
 def _sync(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
+
+
+def cuda_event_ms(fn: Callable[[], None], repeat: int = 10) -> float:
+    """Mean GPU time of `fn` over `repeat` calls back to back (CUDA events; one warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat

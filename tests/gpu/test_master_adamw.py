@@ -49,6 +49,7 @@ def _tensors(numels, device, seed):
 def test_kernel_matches_torch_fused_adamw_and_beats_it_with_the_copy():
     import torch
 
+    from moe_lab.bench.timing import cuda_event_ms
     from moe_lab.train import master_adamw as M
 
     # Shape A's largest tensors (embedding, 60 experts' fc1/fc2, attention) and odd sizes.
@@ -84,18 +85,8 @@ def test_kernel_matches_torch_fused_adamw_and_beats_it_with_the_copy():
               for p, r in zip(masters, ref))
     rounded = all(torch.equal(c, p.to(torch.bfloat16)) for c, p in zip(copies, masters))
 
-    def time_ms(fn, repeat=10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / repeat
-
-    kernel_ms = time_ms(lambda: ours(4))
-    torch_ms = time_ms(theirs)
+    kernel_ms = cuda_event_ms(lambda: ours(4))
+    torch_ms = cuda_event_ms(theirs)
     params = sum(numels)
     report("master_adamw_kernel", {
         "params": params, "max_rel_master_vs_torch": rel, "bf16_copy_rtne": rounded,
