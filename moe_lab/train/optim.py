@@ -193,7 +193,8 @@ def _square_sum(grads, sub) -> torch.Tensor:
 
 @torch.no_grad()
 def fused_update(optimizer, grad_norm: torch.Tensor, clip_grad: float) -> None:
-    """megatron's update with the clipping folded into fused AdamW (grad / grad_scale)."""
+    """megatron's update with the clipping folded into the AdamW kernel (grad / grad_scale):
+    train/master_adamw.py's where build_optimizer set it up, else torch's fused AdamW."""
     scale = None
     if clip_grad > 0:
         scale = torch.clamp((grad_norm + 1.0e-6) / clip_grad, min=1.0).to(torch.float32)

@@ -5,7 +5,9 @@ run by Triton's interpreter, and prints what the test compares as JSON.
 
 One step is compared: the interpreter rounds fp32 to bf16 by truncation where the GPU rounds to
 nearest even, so from the second step on the two runs compute with different bf16 weights
-(tests/gpu/test_master_adamw.py compares whole runs on the GPU).
+(tests/gpu/test_master_adamw.py compares whole runs on the GPU). Under torchrun with two ranks
+(data parallel) each rank updates its shard of the distributed optimizer and megatron's
+all-gather must then give every rank the same bf16 weights.
 """
 
 import json
@@ -13,6 +15,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from moe_lab import config as C
 from moe_lab.compat import enable_cpu_compat
@@ -37,6 +40,13 @@ def max_rel(got, ref) -> float:
                for x, y in zip(got, ref))
 
 
+def same_on_every_rank(tensors) -> bool:
+    flat = torch.cat([t.detach().float().view(-1) for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, flat) for g in gathered)
+
+
 def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
     cfg = C.load(tiny_moe, OVERRIDES + extra)
     config, model, optimizer, scheduler = build_training(cfg, use_gpu=False)
@@ -47,8 +57,11 @@ def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
     data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
     trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
     out = {"grad_norm": [], "launches": [], "optimizers": sorted({type(s).__name__ for s in subs})}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = 8 // world  # tiny_moe: global batch 8 in micro-batches of 4
     for step in range(steps):
-        batches = [data.batch(list(range(step * 8 + m, step * 8 + m + 4))) for m in (0, 4)]
+        first = step * 8 + rank * per_rank
+        batches = [data.batch(list(range(m, m + 4))) for m in range(first, first + per_rank, 4)]
         out["grad_norm"].append(trainer.step(step, batches)["grad_norm"])
         if kernel:
             out["launches"].append([id(launch) for sub in subs
@@ -65,6 +78,7 @@ def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
             round_ = truncated if kernel else (lambda x: x.to(torch.bfloat16))
             out["copies_exact"] = all(torch.equal(c, round_(p.detach()).view(-1))
                                       for c, p in pairs)
+            out["weights_same_on_every_rank"] = same_on_every_rank(model.parameters())
     out["steps"] = sorted({float(s["step"]) for sub in subs for s in sub.optimizer.state.values()})
     out["step_devices"] = sorted({s["step"].device.type for sub in subs
                                   for s in sub.optimizer.state.values()})
@@ -74,17 +88,26 @@ def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
 if __name__ == "__main__":
     tiny_moe, extra = sys.argv[1], sys.argv[2:]  # extra: config overrides
     enable_cpu_compat()
-    init_distributed(C.load(tiny_moe), detect_env({}), use_gpu=False)
+    init_distributed(C.load(tiny_moe, extra), detect_env(os.environ), use_gpu=False)
     ref = train(tiny_moe, kernel=False, steps=1, extra=extra)
     got = train(tiny_moe, kernel=True, steps=2, extra=extra)
+    worst = torch.tensor([max_rel(got["masters"], ref["masters"]),
+                          max_rel(got["moments"], ref["moments"]),
+                          float(not got["copies_exact"]), float(not ref["copies_exact"]),
+                          float(not got["weights_same_on_every_rank"])])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the worst rank decides
+    if dist.get_rank() != 0:
+        sys.exit(0)
     print(json.dumps({
+        "world": dist.get_world_size(),
+        "weights_same_on_every_rank": not bool(worst[4]),
         "optimizers": got["optimizers"],
         "interpreted": os.environ.get("TRITON_INTERPRET") == "1",
         "grad_norm_step1": [ref["grad_norm"][0], got["grad_norm"][0]],
-        "masters_max_rel": max_rel(got["masters"], ref["masters"]),
-        "moments_max_rel": max_rel(got["moments"], ref["moments"]),
+        "masters_max_rel": float(worst[0]),
+        "moments_max_rel": float(worst[1]),
         "copies": [ref["copies"], got["copies"]],
-        "copies_exact": [ref["copies_exact"], got["copies_exact"]],
+        "copies_exact": [not bool(worst[3]), not bool(worst[2])],
         "launches_reused": got["launches"][0] == got["launches"][1] and bool(got["launches"][0]),
         "steps": got["steps"],
         "step_devices": got["step_devices"],

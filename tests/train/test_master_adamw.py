@@ -14,23 +14,33 @@ import sys
 import pytest
 
 from moe_lab import config as C
+from moe_lab.testing.distributed import free_port
 from moe_lab.train import master_adamw
 from moe_lab.train.loop import build_training
 
 from ..conftest import REPO, TINY_MOE
 
 
-@pytest.mark.parametrize("distributed, optimizer", [
-    ("true", "DistributedOptimizer"), ("false", "Float16OptimizerWithFloat16Params")])
-def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(distributed, optimizer):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_master_adamw",
-                             TINY_MOE, f"optimizer.distributed={distributed}"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("ranks, distributed, optimizer", [
+    (1, "true", "DistributedOptimizer"), (1, "false", "Float16OptimizerWithFloat16Params"),
+    (2, "true", "DistributedOptimizer")])  # data parallel: each rank updates its shard
+def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(ranks, distributed,
+                                                                     optimizer):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                     "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    result = subprocess.run([*launcher, "-m", "tests.train.interpreted_master_adamw", TINY_MOE,
+                             f"optimizer.distributed={distributed}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["interpreted"]
+    assert got["interpreted"] and got["world"] == ranks
     assert got["optimizers"] == [optimizer]
+    assert got["weights_same_on_every_rank"]  # megatron's all-gather ran after the kernel
     assert got["grad_norm_step1"][0] > 0.3  # clip_grad=0.3: the kernel's grad_scale acts
     assert got["grad_norm_step1"][1] == got["grad_norm_step1"][0]
     # torch's fused AdamW and the kernel: same formula, fp32 rounding apart
