@@ -69,7 +69,7 @@ def main():
         launch = M._build_launch(None, [ps, gs, ms, vs, copies], "cuda", block=block)
         rows[f"kernel_block{block}_warps{warps}"] = cuda_event_ms(lambda: M.update(
             launch, scale, **HYPER, **scalars, num_warps=warps))
-        rows["aligned"] = launch.aligned
+        aligned = launch.aligned
     del ps, gs, ms, vs
     torch.cuda.empty_cache()
 
@@ -80,9 +80,9 @@ def main():
             (math.ceil(params / block),)](*flat, out, params, scale, 3e-5, 0.9, 0.95, 1e-8,
                                           scalars["step_size"], scalars["bc2_sqrt"], BLOCK=block,
                                           num_warps=warps))
-    result = {"params": params, "ms": rows,
+    result = {"params": params, "aligned": aligned, "ms": rows,
               "GBps": {k: (34 if k.startswith("torch") else 30) * params / v / 1e6
-                       for k, v in rows.items() if isinstance(v, float)}}
+                       for k, v in rows.items()}}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
