@@ -2,12 +2,13 @@
 
 `MoETelemetry(model, moe_pattern, num_experts, topk)` finds the model's MoE layers; every
 router's forward in training adds to its `RoutingStats` (moe-lab routers do it themselves; for
-any other router class a forward hook counts its routing map). `end_step()`, called once per
-step on every rank between the backward pass and the update, stacks one row per MoE layer,
-sums the rows over all ranks with ONE all-reduce (each layer lives on one pipeline stage, and
+any other router class a forward hook counts its routing map). `queue_rows()`, called once
+per step on every rank after the backward pass, stacks one row per MoE layer and sums the rows
+over all ranks with ONE all-reduce on the device (each layer lives on one pipeline stage, and
 that stage's data-, expert-, tensor- (sequence-) and context-parallel ranks each route different
-tokens, so the sum is the global batch) and returns the metrics; `update_expert_biases()` then
-applies the aux-loss-free bias updates from those counts when the update goes ahead:
+tokens, so the sum is the global batch); `finish(rows)` turns the host copy into the metrics, and
+`update_expert_biases()` applies the aux-loss-free bias updates from those counts when the
+update goes ahead:
 
   moe/layer_NN/load_max_over_mean  busiest expert's tokens / mean tokens per expert (1 = even)
   moe/layer_NN/load_cv             std / mean of tokens per expert (0 = even)
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
 from moe_lab.routers.stats import EXTRA, RoutingStats
 
@@ -108,27 +110,32 @@ class MoETelemetry:
             dropped = torch.clamp(slots - routing_map.sum(), min=0)
             router.routing_stats.record(routing_map.bool(), slots, dropped)
 
-    def end_step(self) -> dict[str, float]:
-        """Reduce this step's routing over all ranks and return its metrics. Reads the counts
-        back to the host, so the trainer calls it before the update, where the step waits for
-        the GPU anyway: no synchronisation after the update lets the host queue the next
-        step's forward while the GPU still runs the optimizer."""
+    def queue_rows(self) -> torch.Tensor:
+        """This step's rows, summed over all ranks on the device: no read back to the host, so
+        the trainer can queue the optimizer's update before it reads them (`finish`)."""
         start = time.perf_counter()
         width = self.num_experts + len(EXTRA)
         rows = torch.zeros(len(self.layers), width, dtype=torch.float64, device=self.device)
-        recorded = 0.0
         for row, layer in enumerate(self.layers):
             if layer in self.routers:
                 rows[row], seconds = self.routers[layer].routing_stats.take(self.device)
-                recorded += seconds
+                self._seconds += seconds
         rows = reduce_rows(rows)
-        self.last = load_from_rows(self.layers, rows.cpu().numpy(), self.num_experts)
+        self._seconds += time.perf_counter() - start
+        return rows
+
+    def finish(self, rows: np.ndarray) -> dict[str, float]:
+        """The metrics of the rows `queue_rows` returned, read back to the host."""
+        start = time.perf_counter()
+        self.last = load_from_rows(self.layers, rows.reshape(len(self.layers), -1),
+                                   self.num_experts)
         metrics = self.last.metrics()
-        metrics["moe/telemetry_s"] = recorded + time.perf_counter() - start
+        metrics["moe/telemetry_s"] = self._seconds + time.perf_counter() - start
+        self._seconds = 0.0
         return metrics
 
     def update_expert_biases(self) -> None:
-        """The aux-loss-free bias updates from the counts of the last end_step()."""
+        """The aux-loss-free bias updates from the counts of the last finish()."""
         load = self.last
         for row, layer in enumerate(load.layers):
             router = self.routers.get(layer)
@@ -136,25 +143,52 @@ class MoETelemetry:
                 router.update_expert_bias(torch.from_numpy(load.tokens[row]))
 
 
-class LayerLosses:
-    """Per-layer balancing-loss values from megatron's MoE metrics tracker.
+class BalanceLosses:
+    """The balancing losses of one step from megatron's MoE metrics tracker, per MoE layer.
 
-    Passed as the `writer` of `tracker.report(..., per_layer_logging=True)`, which writes each
-    layer's value as `moe/<megatron name>_layer_<0-based layer>`; `metrics()` renames them
-    `moe/layer_NN/loss/<moe.balance term>`.
+    `queue(num_microbatches)` reduces the tracker's per-layer values over ranks on the device
+    (megatron's own reduction), takes them out (the tracker starts the next step from zero) and
+    returns them as device tensors; `weighted_sum` is their coefficient-weighted sum over layers
+    (it joins `loss`), and `metrics` names the host copies: `moe/layer_NN/loss/<term>`,
+    `loss/aux` (the aux terms' layer means, summed; 1.0 is balanced) and `loss/z`.
     """
 
     TERMS = {"load_balancing_loss": "aux", "seq_load_balancing_loss": "seq_aux",
              "global_load_balancing_loss": "global_aux", "z_loss": "z"}
 
-    def __init__(self):
-        self.values: dict[tuple[int, str], float] = {}
+    def __init__(self, balance, num_layers: int, moe_pattern: list[int]):
+        self.coefficients = {name: getattr(balance, term) for name, term in self.TERMS.items()
+                             if getattr(balance, term) > 0}
+        self.num_layers, self.moe_pattern = num_layers, moe_pattern
 
-    def add_scalar(self, name: str, value, iteration=None) -> None:
-        megatron_name, _, layer = name.removeprefix("moe/").rpartition("_layer_")
-        if name.startswith("moe/") and megatron_name in self.TERMS and layer.isdigit():
-            self.values[(int(layer), self.TERMS[megatron_name])] = float(value)
+    def queue(self, num_microbatches: int) -> dict[str, torch.Tensor]:
+        tracker = get_moe_metrics_tracker()
+        for name in self.coefficients:  # ranks without MoE layers join the reduction too
+            tracker.ensure_initialized(name, self.num_layers)
+        # tracker.report() would read every value back to the host (a synchronisation); its
+        # reduction alone is what megatron's deprecated reduce_aux_losses_tracker_across_ranks
+        # names as its replacement.
+        tracker._sync_metrics(list(self.coefficients))
+        values = {name: tracker.metrics[name].values.float() * (1.0 / num_microbatches)
+                  for name in self.coefficients}
+        tracker.clear()
+        return values
 
-    def metrics(self, moe_pattern: list[int]) -> dict[str, float]:
-        return {f"moe/layer_{layer:02d}/loss/{term}": value
-                for (layer, term), value in sorted(self.values.items()) if moe_pattern[layer]}
+    def weighted_sum(self, values: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        return sum((coeff * values[name].sum() for name, coeff in self.coefficients.items()), 0.0)
+
+    def metrics(self, values: dict[str, np.ndarray]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        layers = [i for i, is_moe in enumerate(self.moe_pattern) if is_moe]
+        aux = None
+        for name, per_layer in values.items():
+            term = self.TERMS[name]
+            out.update({f"moe/layer_{i:02d}/loss/{term}": float(per_layer[i]) for i in layers})
+            mean = float(per_layer.sum()) / len(layers)
+            if term == "z":
+                out["loss/z"] = mean
+            else:
+                aux = mean if aux is None else aux + mean
+        if aux is not None:
+            out["loss/aux"] = aux
+        return out

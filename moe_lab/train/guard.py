@@ -1,7 +1,9 @@
 """The non-finite guard: a NaN/Inf loss or gradient norm never reaches the weights.
 
 Checked after the backward pass and before the optimizer update, with the same answer on every
-rank. training.on_nonfinite chooses what follows: `skip` drops the update (weights, optimizer
+rank. On the fused update path (train/optim.py) the update is queued first and skips itself on
+the GPU when the loss or the gradient norm is not finite (train/step.py); the host then acts on
+the same two numbers here. training.on_nonfinite chooses what follows: `skip` drops the update (weights, optimizer
 and LR schedule stay as they were; the step still counts and its data is not repeated), `stop`
 raises NonFiniteError, and the loop saves the last good state before stopping.
 """
@@ -37,11 +39,25 @@ def nonfinite_value(loss: float, optimizer,
     return None if math.isfinite(grad_norm) else ("grad_norm", grad_norm)
 
 
+def first_nonfinite(loss: float, grad_norm: float) -> tuple[str, float] | None:
+    """("loss" | "grad_norm", value) for the first of the two that is NaN/Inf, else None; both
+    already reduced over all ranks."""
+    if not math.isfinite(loss):
+        return "loss", loss
+    return None if math.isfinite(grad_norm) else ("grad_norm", grad_norm)
+
+
 def check_before_update(cfg, step: int, metrics: dict, optimizer,
                         grad_norm: float | None = None) -> dict | None:
     """None when the update may go ahead. Otherwise, by training.on_nonfinite: raise
     NonFiniteError (stop), or return the skipped step's metrics (skip)."""
-    bad = nonfinite_value(metrics["loss"], optimizer, grad_norm)
+    return act_on_nonfinite(cfg, step, metrics, optimizer,
+                            nonfinite_value(metrics["loss"], optimizer, grad_norm))
+
+
+def act_on_nonfinite(cfg, step: int, metrics: dict, optimizer,
+                     bad: tuple[str, float] | None) -> dict | None:
+    """What `check_before_update` does with a found NaN/Inf (`bad`; None: nothing found)."""
     if bad is None:
         return None
     name, value = bad

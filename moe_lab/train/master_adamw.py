@@ -133,11 +133,16 @@ class MasterAdamW:
         self.sub, self.inner = sub, sub.optimizer
         self.copies = model_copies(sub)
         self.launches: dict[tuple, _Launch] = {}
+        self.stepped: list[torch.Tensor] = []  # the parameters the last step() counted
 
     @torch.no_grad()
-    def step(self, grad_scale: torch.Tensor | None) -> None:
+    def step(self, grad_scale: torch.Tensor | None, skip: torch.Tensor | None = None) -> None:
+        """One update; `skip` (0-d float32 on the device): when nonzero the kernel writes
+        nothing, read on the GPU (the caller then calls `unstep`)."""
+        self.stepped = []
         for index, group in enumerate(self.inner.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
+            self.stepped += params
             by_step: dict[float, list[torch.Tensor]] = {}
             for p in params:
                 by_step.setdefault(self._count_step(p), []).append(p)
@@ -146,7 +151,13 @@ class MasterAdamW:
                 without = [p for p in same_step if self.copies.get(id(p)) is None]
                 for chunk in (with_copy, without):
                     if chunk:
-                        self._launch(index, group, step, chunk, grad_scale)
+                        self._launch(index, group, step, chunk, grad_scale, skip)
+
+    def unstep(self) -> None:
+        """Take back the step counts of the last step() (it skipped on the GPU)."""
+        for p in self.stepped:
+            self.inner.state[p]["step"] -= 1
+        self.stepped = []
 
     def _count_step(self, p: torch.Tensor) -> float:
         """Adam's state for p (created as torch's AdamW would), its step counted on the CPU."""
@@ -160,7 +171,7 @@ class MasterAdamW:
         state["step"] += 1
         return float(state["step"])
 
-    def _launch(self, index, group, step, params, grad_scale) -> None:
+    def _launch(self, index, group, step, params, grad_scale, skip) -> None:
         states = [self.inner.state[p] for p in params]
         roles = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
                  [s["exp_avg_sq"] for s in states]]
@@ -176,19 +187,21 @@ class MasterAdamW:
             self.launches[slot] = launch
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        update(launch, grad_scale, lr=lr, weight_decay=float(group["weight_decay"]),
+        update(launch, grad_scale, skip, lr=lr, weight_decay=float(group["weight_decay"]),
                beta1=beta1, beta2=beta2, eps=group["eps"],
                step_size=lr / (1 - beta1 ** step), bc2_sqrt=math.sqrt(1 - beta2 ** step))
 
 
-def update(launch: _Launch, grad_scale, *, lr, weight_decay, beta1, beta2, eps, step_size,
-           bc2_sqrt, num_warps: int = NUM_WARPS) -> None:
+def update(launch: _Launch, grad_scale, skip=None, *, lr, weight_decay, beta1, beta2, eps,
+           step_size, bc2_sqrt, num_warps: int = NUM_WARPS) -> None:
     n_tensors = launch.addresses.shape[1]
-    scale = grad_scale if grad_scale is not None else launch.numels  # unread without HAS_SCALE
+    unread = launch.numels  # a placeholder pointer: without HAS_SCALE / HAS_SKIP it is not read
     _adamw_kernel[(launch.block_tensor.numel(),)](
         launch.block_tensor, launch.block_index, launch.addresses, launch.numels, n_tensors,
-        scale, lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
-        HAS_SCALE=grad_scale is not None, HAS_COPY=launch.addresses.shape[0] == 5,
+        grad_scale if grad_scale is not None else unread, skip if skip is not None else unread,
+        lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
+        HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None,
+        HAS_COPY=launch.addresses.shape[0] == 5,
         ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps)
 
 
@@ -224,15 +237,17 @@ if triton is not None:
             tl.store(out_ptr + offsets, p.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
-    def _adamw_kernel(block_tensor, block_index, addresses, numels, n_tensors, grad_scale,
+    def _adamw_kernel(block_tensor, block_index, addresses, numels, n_tensors, grad_scale, skip,
                       lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_COPY: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_index + pid).to(tl.int64) * BLOCK
         offsets = start + tl.arange(0, BLOCK)
         n = tl.load(numels + t)
+        if HAS_SKIP:  # a NaN/Inf loss or gradient norm: an empty tensor, every access masked
+            n = tl.where(tl.load(skip) != 0, 0, n)
         p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
         g_ptr = _address(addresses, 1, n_tensors, t, tl.float32, ALIGNED)
         m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED)

@@ -192,25 +192,37 @@ def _square_sum(grads, sub) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fused_update(optimizer, grad_norm: torch.Tensor, clip_grad: float) -> None:
+def fused_update(optimizer, grad_norm: torch.Tensor, clip_grad: float,
+                 nonfinite: torch.Tensor) -> None:
     """megatron's update with the clipping folded into the AdamW kernel (grad / grad_scale):
-    train/master_adamw.py's where build_optimizer set it up, else torch's fused AdamW."""
+    train/master_adamw.py's where build_optimizer set it up, else torch's fused AdamW.
+    `nonfinite` (0-d float32 on the device, 1.0 = skip) makes the kernel leave weights and
+    moments alone without the host reading it; `undo_skipped_update` then rolls back the steps."""
     scale = None
     if clip_grad > 0:
         scale = torch.clamp((grad_norm + 1.0e-6) / clip_grad, min=1.0).to(torch.float32)
     subs = _subs(optimizer)
     if all(hasattr(sub, "moe_lab_master_adamw") for sub in subs):
         for sub in subs:
-            sub.moe_lab_master_adamw.step(scale)
+            sub.moe_lab_master_adamw.step(scale, nonfinite)
             _gather_params(sub)
         return
     for sub in subs:
-        sub.optimizer.grad_scale = scale
+        # torch's fused AdamW skips on found_inf and takes its step counts back itself
+        sub.optimizer.grad_scale, sub.optimizer.found_inf = scale, nonfinite
     try:
         optimizer.step_with_ready_grads()
     finally:
         for sub in _subs(optimizer):
-            sub.optimizer.grad_scale = None
+            sub.optimizer.grad_scale = sub.optimizer.found_inf = None
+
+
+def undo_skipped_update(optimizer) -> None:
+    """After `fused_update` skipped itself on the GPU: the master kernel's step counts (on the
+    CPU) go back; torch's fused AdamW already took its own back."""
+    for sub in _subs(optimizer):
+        if hasattr(sub, "moe_lab_master_adamw"):
+            sub.moe_lab_master_adamw.unstep()
 
 
 def _gather_params(sub) -> None:

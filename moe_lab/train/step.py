@@ -9,17 +9,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import get_moe_metrics_tracker
 from torch.profiler import record_function
 
 from moe_lab.model.lm_loss import fused_lm_loss
-from moe_lab.routers.telemetry import LayerLosses, MoETelemetry
+from moe_lab.routers.telemetry import BalanceLosses, MoETelemetry
 from moe_lab.train import optim
-from moe_lab.train.guard import check_before_update
-
-# megatron's tracker name -> moe.balance coefficient name
-_BALANCE_TERMS = {"load_balancing_loss": "aux", "seq_load_balancing_loss": "seq_aux",
-                  "global_load_balancing_loss": "global_aux", "z_loss": "z"}
+from moe_lab.train.guard import act_on_nonfinite, check_before_update, first_nonfinite
+from moe_lab.train.readout import Readout
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -66,6 +62,8 @@ class Trainer:
         self.moe_pattern = cfg.moe.moe_layers(cfg.model.num_layers)
         self.moe_telemetry = (MoETelemetry(model, self.moe_pattern, cfg.moe.num_experts,
                                            cfg.moe.topk) if cfg.moe.enabled else None)
+        balance = BalanceLosses(cfg.moe.balance, cfg.model.num_layers, self.moe_pattern)
+        self.balance = balance if cfg.moe.enabled and balance.coefficients else None
 
     @property
     def expert_load(self):
@@ -90,25 +88,33 @@ class Trainer:
                 forward_only=False,
             )
         with record_function("phase:guard"):
-            # the global gradient norm, once (fused path; None: megatron's step computes it),
-            # queued before the reads below so that the GPU computes it while the host waits
+            # the global gradient norm, once (fused path; None: megatron's step computes it)
             norm = optim.prepare_and_norm(self.optimizer)
-        metrics = {"loss/lm": self._reduce_lm_loss(outputs)}
-        metrics.update(self._balance_losses(len(batches)))
-        metrics["loss"] = metrics["loss/lm"] + metrics.pop("_weighted_balance", 0.0)
-        if self.moe_telemetry:
-            metrics.update(self.moe_telemetry.end_step())
+            numbers = self._queue_numbers(outputs, len(batches), norm)
+            readout = Readout(numbers)
+        if norm is not None:
+            # Queued before anything is read: the GPU runs the update while the host reads, and
+            # the update skips itself on the GPU when the loss or the norm is not finite.
+            with record_function("phase:optimizer"):
+                optim.fused_update(self.optimizer, norm, self.cfg.optimizer.clip_grad,
+                                   numbers["nonfinite"])
         with record_function("phase:guard"):
-            grad_norm = float(norm) if norm is not None else None
-            skipped = check_before_update(self.cfg, step, metrics, self.optimizer, grad_norm)
+            values = readout.get()
+            metrics = self._metrics(values)
+            if norm is None:
+                skipped = check_before_update(self.cfg, step, metrics, self.optimizer)
+            else:
+                grad_norm = float(values["grad_norm"])
+                bad = first_nonfinite(metrics["loss"], grad_norm)
+                if bad is not None:
+                    optim.undo_skipped_update(self.optimizer)
+                skipped = act_on_nonfinite(self.cfg, step, metrics, self.optimizer, bad)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
         if self.moe_telemetry:
             self.moe_telemetry.update_expert_biases()
-        with record_function("phase:optimizer"):
-            if norm is not None:
-                optim.fused_update(self.optimizer, norm, self.cfg.optimizer.clip_grad)
-            else:
+        if norm is None:
+            with record_function("phase:optimizer"):
                 _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -117,45 +123,45 @@ class Trainer:
         # while the GPU runs the optimizer (train/loop.py does not synchronise either).
         return metrics
 
-    def _reduce_lm_loss(self, outputs: list[dict]) -> float:
-        """Token-weighted mean over micro-batches and DP ranks, delivered to every rank."""
-        total = torch.zeros(2, dtype=torch.float64)
+    def _queue_numbers(self, outputs: list[dict], num_microbatches: int,
+                       norm: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The step's numbers on the device, reduced over ranks, without reading them: the LM
+        loss, the balancing losses, `loss` (their sum), the routing rows and, on the fused
+        path, the gradient norm and `nonfinite` (1.0: the update must not happen)."""
+        lm = self._lm_loss(outputs)
+        numbers = {"loss/lm": lm}
+        loss = lm
+        if self.balance is not None:
+            balance = self.balance.queue(num_microbatches)
+            numbers.update({f"balance:{name}": v for name, v in balance.items()})
+            loss = lm + self.balance.weighted_sum(balance)
+        numbers["loss"] = loss
+        if self.moe_telemetry:
+            numbers["routing"] = self.moe_telemetry.queue_rows()
+        if norm is not None:
+            numbers["grad_norm"] = norm.reshape(())
+            finite = torch.isfinite(loss) & torch.isfinite(numbers["grad_norm"])
+            numbers["nonfinite"] = (~finite).to(torch.float32)
+        return numbers
+
+    def _lm_loss(self, outputs: list[dict]) -> torch.Tensor:
+        """Token-weighted mean over micro-batches and DP ranks, on every rank (0-d float64)."""
+        device = next(self.model.parameters()).device
+        total = torch.zeros(2, dtype=torch.float64, device=device)
         for out in outputs:  # empty on pipeline stages without the loss
-            total += out["lm"].detach().double().cpu()
+            total += out["lm"].detach().double()
         if self.cfg.parallel.pp > 1 or self.dp_size > 1:
-            total = total.to(next(self.model.parameters()).device)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
                 with_context_parallel=True))
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-            total = total.cpu()
-        return float(total[0] / total[1])
+        return total[0] / total[1]
 
-    def _balance_losses(self, num_microbatches: int) -> dict[str, float]:
-        """MoE balancing losses from megatron's tracker, averaged over MoE layers (1.0 is
-        balanced for the aux losses); their coefficient-weighted sum over layers joins `loss`."""
-        if not self.cfg.moe.enabled:
-            return {}
-        tracker = get_moe_metrics_tracker()
-        names = [n for n, coeff in _BALANCE_TERMS.items()
-                 if getattr(self.cfg.moe.balance, coeff) > 0]
-        if not names:
-            return {}
-        totals: dict = {}
-        per_layer = LayerLosses()
-        tracker.report(loss_scale=1.0 / num_microbatches, iteration=0, track_names=names,
-                       num_layers=self.cfg.model.num_layers, moe_layer_freq=self.moe_pattern,
-                       force_initialize=True, total_loss_dict=totals, writer=per_layer,
-                       per_layer_logging=True)
-        layers = sum(self.moe_pattern)
-        metrics, weighted, aux = per_layer.metrics(self.moe_pattern), 0.0, 0.0
-        for name in names:
-            value = float(totals.get(name, 0.0))
-            weighted += getattr(self.cfg.moe.balance, _BALANCE_TERMS[name]) * value * layers
-            if name == "z_loss":
-                metrics["loss/z"] = value
-            else:
-                aux += value
-        if any(n != "z_loss" for n in names):
-            metrics["loss/aux"] = aux
-        metrics["_weighted_balance"] = weighted
+    def _metrics(self, values: dict) -> dict[str, float]:
+        metrics = {"loss/lm": float(values["loss/lm"])}
+        if self.balance is not None:
+            metrics.update(self.balance.metrics(
+                {name: values[f"balance:{name}"] for name in self.balance.coefficients}))
+        metrics["loss"] = float(values["loss"])
+        if self.moe_telemetry:
+            metrics.update(self.moe_telemetry.finish(values["routing"]))
         return metrics

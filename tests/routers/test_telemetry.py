@@ -14,7 +14,7 @@ import torch
 from moe_lab import config as C
 from moe_lab.data import SyntheticTokens, batch_indices
 from moe_lab.model import build_model, build_transformer_config
-from moe_lab.routers.telemetry import LayerLosses, RoutingLoad
+from moe_lab.routers.telemetry import BalanceLosses, RoutingLoad
 from moe_lab.testing import run_distributed
 from moe_lab.tracking import read_metrics
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -44,13 +44,27 @@ def test_metrics_of_a_load_matrix_by_hand():
     assert m["moe/layer_03/entropy"] == 1.0
 
 
-def test_per_layer_losses_from_megatrons_tracker_names():
-    losses = LayerLosses()
-    losses.add_scalar("load_balancing_loss", 1.1, 0)  # the layer mean: ignored
-    losses.add_scalar("moe/load_balancing_loss_layer_0", 0.0, 0)  # a dense layer
-    losses.add_scalar("moe/load_balancing_loss_layer_1", 1.25, 0)
-    losses.add_scalar("moe/z_loss_layer_1", 3.5, 0)
-    assert losses.metrics([0, 1]) == {"moe/layer_01/loss/aux": 1.25, "moe/layer_01/loss/z": 3.5}
+def test_balance_losses_from_megatrons_tracker_per_layer_without_a_host_read(world):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    tracker.clear()
+    for value in (1.0, 1.5):  # two micro-batches: megatron's tracker sums, the reader averages
+        tracker.record("load_balancing_loss", torch.tensor(value), layer_number=2, num_layers=3)
+        tracker.record("load_balancing_loss", torch.tensor(2 * value), layer_number=3,
+                       num_layers=3)
+        tracker.record("z_loss", torch.tensor(4 * value), layer_number=3, num_layers=3)
+    losses = BalanceLosses(C.BalanceConfig(aux=0.5, z=0.25), num_layers=3,
+                           moe_pattern=[0, 1, 1])
+    values = losses.queue(num_microbatches=2)
+    assert all(isinstance(v, torch.Tensor) for v in values.values())
+    assert float(tracker.metrics["load_balancing_loss"].values.abs().sum()) == 0  # taken out
+    metrics = losses.metrics({name: v.numpy() for name, v in values.items()})
+    assert metrics == {"moe/layer_01/loss/aux": 1.25, "moe/layer_02/loss/aux": 2.5,
+                       "moe/layer_01/loss/z": 0.0, "moe/layer_02/loss/z": 5.0,
+                       "loss/aux": 1.875, "loss/z": 2.5}
+    # coefficient x value, summed over layers: what joins `loss`
+    assert float(losses.weighted_sum(values)) == pytest.approx(0.5 * 3.75 + 0.25 * 5.0)
 
 
 def trainer_for(path, *overrides):

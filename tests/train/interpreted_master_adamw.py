@@ -7,7 +7,10 @@ One step is compared: the interpreter rounds fp32 to bf16 by truncation where th
 nearest even, so from the second step on the two runs compute with different bf16 weights
 (tests/gpu/test_master_adamw.py compares whole runs on the GPU). Under torchrun with two ranks
 (data parallel) each rank updates its shard of the distributed optimizer and megatron's
-all-gather must then give every rank the same bf16 weights.
+all-gather must then give every rank the same bf16 weights. The kernel's run also gets a NaN
+gradient at its second step: the kernel must skip on the GPU's flag (weights, moments and bf16
+copies as after the first step), the step counts go back, and the third step is counted as
+the second.
 """
 
 import json
@@ -22,6 +25,7 @@ from moe_lab.compat import enable_cpu_compat
 from moe_lab.data import SyntheticTokens
 from moe_lab.launch.distributed import detect_env, init_distributed
 from moe_lab.train import master_adamw
+from moe_lab.train.faults import Fault, FaultInjector
 from moe_lab.train.loop import build_training
 from moe_lab.train.step import Trainer
 
@@ -47,23 +51,40 @@ def same_on_every_rank(tensors) -> bool:
     return all(torch.equal(g, flat) for g in gathered)
 
 
+def snapshot(subs, model) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [
+        *(p for sub in subs for g in sub.optimizer.param_groups for p in g["params"]),
+        *(s[k] for sub in subs for s in sub.optimizer.state.values()
+          for k in ("exp_avg", "exp_avg_sq")),
+        *model.parameters()]]
+
+
 def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
-    cfg = C.load(tiny_moe, OVERRIDES + extra)
+    cfg = C.load(tiny_moe, OVERRIDES + extra + ["training.on_nonfinite=skip"])
     config, model, optimizer, scheduler = build_training(cfg, use_gpu=False)
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    if kernel:  # as build_optimizer does on CUDA
+    if kernel:  # as build_optimizer does on CUDA, and a NaN gradient in the second step
         for sub in subs:
             sub.moe_lab_master_adamw = master_adamw.MasterAdamW(sub)
+        FaultInjector(Fault.parse("nan@grads:2"), config)
     data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
     trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
     out = {"grad_norm": [], "launches": [], "optimizers": sorted({type(s).__name__ for s in subs})}
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = 8 // world  # tiny_moe: global batch 8 in micro-batches of 4
+    after_first: list[torch.Tensor] = []
     for step in range(steps):
         first = step * 8 + rank * per_rank
         batches = [data.batch(list(range(m, m + 4))) for m in range(first, first + per_rank, 4)]
-        out["grad_norm"].append(trainer.step(step, batches)["grad_norm"])
-        if kernel:
+        metrics = trainer.step(step, batches)
+        out["grad_norm"].append(metrics["grad_norm"])
+        if step == 1:
+            out["skipped"] = metrics.get("skipped") == 1.0
+            out["skip_left_alone"] = all(torch.equal(a, b) for a, b in
+                                         zip(snapshot(subs, model), after_first))
+            out["steps_after_skip"] = sorted({float(s["step"]) for sub in subs
+                                              for s in sub.optimizer.state.values()})
+        if kernel and step != 1:
             out["launches"].append([id(launch) for sub in subs
                                     for launch in sub.moe_lab_master_adamw.launches.values()])
         if step == 0:
@@ -79,6 +100,7 @@ def train(tiny_moe: str, kernel: bool, steps: int, extra: list[str]) -> dict:
             out["copies_exact"] = all(torch.equal(c, round_(p.detach()).view(-1))
                                       for c, p in pairs)
             out["weights_same_on_every_rank"] = same_on_every_rank(model.parameters())
+            after_first = snapshot(subs, model)
     out["steps"] = sorted({float(s["step"]) for sub in subs for s in sub.optimizer.state.values()})
     out["step_devices"] = sorted({s["step"].device.type for sub in subs
                                   for s in sub.optimizer.state.values()})
@@ -90,7 +112,7 @@ if __name__ == "__main__":
     enable_cpu_compat()
     init_distributed(C.load(tiny_moe, extra), detect_env(os.environ), use_gpu=False)
     ref = train(tiny_moe, kernel=False, steps=1, extra=extra)
-    got = train(tiny_moe, kernel=True, steps=2, extra=extra)
+    got = train(tiny_moe, kernel=True, steps=3, extra=extra)
     worst = torch.tensor([max_rel(got["masters"], ref["masters"]),
                           max_rel(got["moments"], ref["moments"]),
                           float(not got["copies_exact"]), float(not ref["copies_exact"]),
@@ -109,6 +131,8 @@ if __name__ == "__main__":
         "copies": [ref["copies"], got["copies"]],
         "copies_exact": [not bool(worst[3]), not bool(worst[2])],
         "launches_reused": got["launches"][0] == got["launches"][1] and bool(got["launches"][0]),
+        "skipped_second_step": got["skipped"] and got["skip_left_alone"],
+        "steps_after_skip": got["steps_after_skip"],
         "steps": got["steps"],
         "step_devices": got["step_devices"],
     }))

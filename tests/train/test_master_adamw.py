@@ -50,6 +50,8 @@ def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(ranks, dist
     assert got["copies"][0] == got["copies"][1] > 0
     assert got["copies_exact"] == [True, True]
     assert got["launches_reused"]  # the address tables are built once
+    # a NaN gradient: skipped on the GPU's flag, nothing written, the step count taken back
+    assert got["skipped_second_step"] and got["steps_after_skip"] == [1.0]
     assert got["steps"] == [2.0] and got["step_devices"] == ["cpu"]
 
 
