@@ -23,8 +23,8 @@ _RECOMPUTE = {
 
 
 def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool) -> TransformerConfig:
-    """`use_cpu_initialization` builds each full weight and splits it, so that every TP layout
-    starts from the same weights for a given seed."""
+    """`use_cpu_initialization` (the CPU path) builds each full weight and splits it, so that
+    every TP layout starts from the same weights for a given seed."""
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.training
     dtype = _PARAMS_DTYPE[t.precision]
     fields = dict(
@@ -41,6 +41,9 @@ def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool
         add_qkv_bias=m.qkv_bias,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # megatron's fused SwiGLU (torch.compile'd; Megatron-LM's default) for the models that
+        # train on the GPU; on the CPU compiling would only add start-up time
+        bias_activation_fusion=not use_cpu_initialization,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=p.tp,
