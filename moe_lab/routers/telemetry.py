@@ -89,6 +89,7 @@ class MoETelemetry:
                 self.routers[module.layer_number - 1] = self._with_stats(module.router)
         self.device = next(model.parameters()).device
         self.last: RoutingLoad | None = None
+        self.rows: torch.Tensor | None = None  # the last queue_rows(), on the device
         self._seconds = 0.0
 
     @property
@@ -120,9 +121,9 @@ class MoETelemetry:
             if layer in self.routers:
                 rows[row], seconds = self.routers[layer].routing_stats.take(self.device)
                 self._seconds += seconds
-        rows = reduce_rows(rows)
+        self.rows = reduce_rows(rows)
         self._seconds += time.perf_counter() - start
-        return rows
+        return self.rows
 
     def finish(self, rows: np.ndarray) -> dict[str, float]:
         """The metrics of the rows `queue_rows` returned, read back to the host."""
@@ -135,12 +136,12 @@ class MoETelemetry:
         return metrics
 
     def update_expert_biases(self) -> None:
-        """The aux-loss-free bias updates from the counts of the last finish()."""
-        load = self.last
-        for row, layer in enumerate(load.layers):
+        """The aux-loss-free bias updates from the counts of the last queue_rows(), still on the
+        device: a copy from the host would wait for the update queued before it."""
+        for row, layer in enumerate(self.layers):
             router = self.routers.get(layer)
             if router is not None and getattr(router, "uses_expert_bias", False):
-                router.update_expert_bias(torch.from_numpy(load.tokens[row]))
+                router.update_expert_bias(self.rows[row, : self.num_experts])
 
 
 class BalanceLosses:
