@@ -20,6 +20,7 @@ from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import Checkpointer, TrainState, load_checkpoint
 from moe_lab.train.evaluate import log_validation
 from moe_lab.train.faults import Fault, FaultInjector
+from moe_lab.train.grad_accumulation import fuse_main_grad_accumulation
 from moe_lab.train.guard import NonFiniteError
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
 from moe_lab.train.resume import broadcast_resume, weights_source
@@ -94,7 +95,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
 
 
 def build_training(cfg: ExperimentConfig, use_gpu: bool):
-    """Seeded build chain: TransformerConfig -> GPTModel -> DDP -> optimizer -> LR schedule."""
+    """Seeded build chain: TransformerConfig -> GPTModel -> DDP (+ the fused main-gradient
+    accumulation) -> optimizer -> LR schedule."""
     torch.manual_seed(cfg.training.seed)
     if use_gpu:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -105,6 +107,7 @@ def build_training(cfg: ExperimentConfig, use_gpu: bool):
     if use_gpu:
         model.cuda()
     model = wrap_ddp(cfg, config, model)
+    fuse_main_grad_accumulation(model)  # CUDA parameters only
     optimizer = build_optimizer(cfg, config, model)
     return config, model, optimizer, build_scheduler(cfg, optimizer)
 

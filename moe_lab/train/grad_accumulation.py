@@ -1,0 +1,69 @@
+"""Adds each bf16 gradient into megatron's fp32 main gradient with one vectorised kernel.
+
+megatron DDP's backward hook accumulates every parameter's bf16 gradient into its fp32
+`main_grad` (a view of DDP's gradient buffer) with `main_grad.add_(grad)`. torch runs an add of
+two dtypes as an unvectorised kernel: 1.7 TB/s on an H200, 17 ms a step for Qwen1.5-MoE-A2.7B
+with 4 layers at micro-batch 4 (2.9 billion parameters; docs/performance.md).
+
+`fuse_main_grad_accumulation(ddp_model)` puts a tensor hook on each such parameter. Autograd runs
+it before the gradient reaches megatron's hook; it does the same fp32 add in a Triton kernel and
+sets megatron's `grad_added_to_main_grad` flag (the protocol of Transformer Engine's fused
+weight-gradient accumulation), so megatron's hook only drops the bf16 gradient. The sums are the
+same fp32 additions, bit for bit; megatron's `zero_grad_buffer` resets the flag every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton comes with torch's CUDA wheels; absent, megatron's own add stays
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+BLOCK, NUM_WARPS = 1024, 4
+
+
+def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
+    """Hook every trainable bf16 parameter on `device_type` that has an fp32 main_grad; returns
+    the hooks' handles (`remove()` undoes one). `device_type="cpu"` is for tests that run the
+    kernel in Triton's interpreter."""
+    if triton is None:
+        return []
+    handles = []
+    for param in ddp_model.module.parameters():
+        main = getattr(param, "main_grad", None)
+        if (param.requires_grad and main is not None and param.device.type == device_type
+                and param.dtype == torch.bfloat16 and main.dtype == torch.float32):
+            handles.append(param.register_hook(_adder(param)))
+    return handles
+
+
+def _adder(param: torch.nn.Parameter):
+    def add_to_main_grad(grad: torch.Tensor) -> None:
+        main = param.main_grad  # read each time: megatron may rebind it
+        if grad.is_contiguous() and grad.shape == param.shape and main.is_contiguous():
+            accumulate(main, grad)
+        else:  # a layout the flat kernel does not cover
+            main.add_(grad)
+        param.grad_added_to_main_grad = True
+
+    return add_to_main_grad
+
+
+def accumulate(main: torch.Tensor, grad: torch.Tensor) -> None:
+    """main (fp32) += grad (bf16), both contiguous with the same number of elements."""
+    n = grad.numel()
+    _accumulate_kernel[(triton.cdiv(n, BLOCK),)](main, grad, n, BLOCK=BLOCK,
+                                                  num_warps=NUM_WARPS)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _accumulate_kernel(main_ptr, grad_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        tl.store(main_ptr + offsets, tl.load(main_ptr + offsets, mask=mask) + grad, mask=mask)
