@@ -19,6 +19,8 @@
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
+#  gcA4          scripts/gc_probe.py: Python's garbage collector in back-to-back steps of A mbs 4;
+#  gradacc       pytest tests/gpu/test_grad_accumulation.py (bf16 -> fp32 main_grad kernel);
 #  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
 #  teA4 teB8     (Transformer Engine installed) moe-lab bench of A mbs 4 and B (2 layers) mbs 8,
 #                variants $TE_MATRIX;
@@ -176,6 +178,13 @@ EOF
   pa)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest \
       tests/gpu/test_precision_aware.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
+    ;;
+  gcA4)  # Python's garbage collector during back-to-back steps of A mbs 4 (on, then off)
+    timeout 200 python3 scripts/gc_probe.py --layers 4 --mbs 4 --out "$res/gc_A4.json" \
+      2>&1 | quiet > "$res/$stage.log" ;;
+  gradacc)
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 200 python3 -m pytest \
+      tests/gpu/test_grad_accumulation.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   syncs)  # where one step of the torch backend (A, 2 layers, mbs 1) makes the host wait
     timeout 200 python3 scripts/host_syncs.py --layers 2 2>&1 | quiet > "$res/$stage.log" ;;
