@@ -68,7 +68,8 @@ def main() -> None:
             print(mode, json.dumps(result[mode]), flush=True)
         gc.enable()
     finally:
-        gc.callbacks.remove(record) if record in gc.callbacks else None
+        if record in gc.callbacks:
+            gc.callbacks.remove(record)
         shutdown_distributed()
     result.update(variant=args.variant, preset=args.preset, layers=args.layers, mbs=args.mbs,
                   steps=args.steps, tracked_objects=len(gc.get_objects()))
