@@ -51,8 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         want_weight = with_grads and ctx.needs_input_grad[1]
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if want_weight else None)
+        grad_weight = None  # fp32, summed over chunks
         loss_and_grad = _chunk_kernel(hidden.is_cuda)
         step = chunk_size(n, vocab)
         for start in range(0, n, step):
@@ -68,7 +67,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:end] = grad_logits @ weight
             if want_weight:
                 weighted = h * mask[start:end, None].to(h.dtype)
-                grad_weight += grad_logits.t() @ weighted
+                grad_weight = _add_product(grad_weight, grad_logits.t(), weighted)
+        if want_weight and grad_weight is None:  # no tokens
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None
                               else grad_weight.to(weight.dtype), mask)
         return loss
@@ -83,6 +84,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = (grad_loss * mask).sum() / mask.sum().clamp(min=1.0)
             grad_weight = grad_weight * scale.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (acc None: a @ b) for bf16 a and b. On CUDA the GEMM itself writes
+    and accumulates fp32 (cuBLAS's out_dtype): no bf16 product and no separate add over the
+    [vocab, hidden] weight gradient per chunk (torch's add of two dtypes is unvectorised)."""
+    if a.is_cuda:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    product = (a @ b).float()
+    return product if acc is None else acc.add_(product)
 
 
 def chunk_size(tokens: int, vocab: int) -> int:
