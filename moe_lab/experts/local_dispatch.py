@@ -7,10 +7,13 @@ is no exchange, and the torch backend's grouped GEMM reads the counts on the GPU
 the layer needs the host to wait, and the host can queue the forward pass (of the next step too,
 while the GPU still runs the optimizer) ahead of the GPU (docs/performance.md has the numbers).
 
-`LocalTokenDispatcher` does megatron's own sync-free permutation (`moe_utils.permute` by argsort
-with the dropless output size, tokens x topk) and its inverse; `TorchMoELayer` is megatron's
-MoELayer that uses it where it applies and megatron's dispatcher everywhere else (expert
-parallelism, token dropping, padded routing, shared-expert overlap).
+`LocalTokenDispatcher` takes megatron's sync-free sort order (`moe_utils.permute` by argsort
+with the dropless output size, tokens x topk) and moves the tokens with gathers only: megatron's
+`index_select` has an atomic `index_add` as its backward and its `unpermute` is an atomic
+`scatter_add` (bf16 atomics: ~2.5 ms a layer at Qwen1.5-MoE-A2.7B, mbs 4). Every token has
+exactly topk rows, so the inverse is a gather of each token's rows followed by a sum over them.
+`TorchMoELayer` is megatron's MoELayer that uses it where it applies and megatron's dispatcher
+everywhere else (expert parallelism, token dropping, padded routing, shared-expert overlap).
 """
 
 from __future__ import annotations
@@ -18,11 +21,7 @@ from __future__ import annotations
 import torch
 from megatron.core import utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import (
-    get_default_pg_collection,
-    permute,
-    unpermute,
-)
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, permute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 
@@ -46,8 +45,12 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         self.routing_map = routing_map
         # Dropless routing: every token has exactly topk experts, so the size is static.
         num_out = routing_map.shape[0] * self.config.moe_router_topk
-        permuted, permuted_probs, self.sorted_indices, _, _ = permute(
-            hidden_TH, routing_map, probs=probs, num_out_tokens=num_out)
+        # megatron's order and probs; its token gather is done below (on zero columns here)
+        _, permuted_probs, self.sorted_indices, _, _ = permute(
+            hidden_TH[:, :0], routing_map, probs=probs, num_out_tokens=num_out)
+        # each token's rows in the sorted order, token by token
+        self.token_rows = torch.argsort(self.sorted_indices, stable=True)
+        permuted = GatherRows.apply(hidden_TH, self.sorted_indices, self.token_rows)
         return permuted, permuted_probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -65,10 +68,44 @@ class LocalTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # the experts already weighted their outputs by the routing probabilities
-        flat_shape = torch.Size((self.hidden_shape[:-1].numel(), self.hidden_shape[-1]))
-        output = unpermute(hidden_states, self.sorted_indices, restore_shape=flat_shape,
-                           routing_map=self.routing_map)
+        output = SumRows.apply(hidden_states, self.sorted_indices, self.token_rows,
+                               self.hidden_shape[:-1].numel())
         return output.view(self.hidden_shape)
+
+
+class GatherRows(torch.autograd.Function):
+    """x[sorted_indices]: the rows of x [tokens, H] in expert order, every token's row `topk`
+    times. The gradient gathers each token's rows (`token_rows`) and sums them."""
+
+    @staticmethod
+    def forward(ctx, x, sorted_indices, token_rows):
+        ctx.save_for_backward(token_rows)
+        ctx.tokens = x.shape[0]
+        return x.index_select(0, sorted_indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_rows,) = ctx.saved_tensors
+        return _sum_token_rows(grad, token_rows, ctx.tokens), None, None
+
+
+class SumRows(torch.autograd.Function):
+    """The way back: each token's rows of y [tokens x topk, H] summed into [tokens, H]; the
+    gradient is a gather."""
+
+    @staticmethod
+    def forward(ctx, y, sorted_indices, token_rows, tokens: int):
+        ctx.save_for_backward(sorted_indices)
+        return _sum_token_rows(y, token_rows, tokens)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sorted_indices,) = ctx.saved_tensors
+        return grad.index_select(0, sorted_indices), None, None, None
+
+
+def _sum_token_rows(rows: torch.Tensor, token_rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    return rows.index_select(0, token_rows).view(tokens, -1, rows.shape[-1]).sum(dim=1)
 
 
 class TorchMoELayer(MoELayer):
