@@ -30,8 +30,8 @@ def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
     """Hook every trainable bf16 parameter on `device_type` that has an fp32 main_grad; returns
     the hooks' handles (`remove()` undoes one). `device_type="cpu"` is for tests that run the
     kernel in Triton's interpreter."""
-    if triton is None:
-        return []
+    if triton is None or getattr(ddp_model.config, "gradient_accumulation_fusion", False):
+        return []  # (with that fusion TE's GEMMs accumulate themselves and hand over dummies)
     handles = []
     for param in ddp_model.module.parameters():
         main = getattr(param, "main_grad", None)

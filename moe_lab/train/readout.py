@@ -1,8 +1,8 @@
 """The numbers a step reads back to the host, copied in one transfer queued before the update.
 
-Reading a GPU tensor (`.item()`, `.cpu()`) waits for everything queued before it. Read after
-the backward pass, each read left the GPU idle while the host did its Python between reads and
-only then queued the optimizer (8.5 ms a step at Qwen1.5-MoE-A2.7B, docs/performance.md).
+Reading a GPU tensor (`.item()`, `.cpu()`) waits for everything queued before it. Read one by
+one after the backward pass (7 reads a step), they left the GPU idle while the host ran its
+Python between them and only then queued the optimizer.
 `Readout` packs the step's device numbers into one float64 vector, queues its copy into pinned
 host memory and records an event; the trainer then queues the update, and `get()` waits on the
 event only, so the host reads while the GPU runs the update.
