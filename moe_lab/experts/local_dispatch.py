@@ -10,8 +10,9 @@ while the GPU still runs the optimizer) ahead of the GPU (docs/performance.md ha
 `LocalTokenDispatcher` takes megatron's sync-free sort order (`moe_utils.permute` by argsort
 with the dropless output size, tokens x topk) and moves the tokens with gathers only: megatron's
 `index_select` has an atomic `index_add` as its backward and its `unpermute` is an atomic
-`scatter_add` (bf16 atomics: ~2.5 ms a layer at Qwen1.5-MoE-A2.7B, mbs 4). Every token has
-exactly topk rows, so the inverse is a gather of each token's rows followed by a sum over them.
+`scatter_add` (bf16 atomics, 1.8 ms a layer at Qwen1.5-MoE-A2.7B, mbs 4). Every token has
+exactly topk rows, so the inverse is a gather of each token's rows followed by a sum over them
+(the step's permutation work 8.9 -> 4.5 ms there, docs/performance.md).
 `TorchMoELayer` is megatron's MoELayer that uses it where it applies and megatron's dispatcher
 everywhere else (expert parallelism, token dropping, padded routing, shared-expert overlap).
 """
