@@ -3,9 +3,9 @@
 Checked after the backward pass and before the optimizer update, with the same answer on every
 rank. On the fused update path (train/optim.py) the update is queued first and skips itself on
 the GPU when the loss or the gradient norm is not finite (train/step.py); the host then acts on
-the same two numbers here. training.on_nonfinite chooses what follows: `skip` drops the update (weights, optimizer
-and LR schedule stay as they were; the step still counts and its data is not repeated), `stop`
-raises NonFiniteError, and the loop saves the last good state before stopping.
+the same two numbers here. training.on_nonfinite chooses what follows: `skip` drops the update
+(weights, optimizer and LR schedule stay as they were; the step still counts and its data is not
+repeated), `stop` raises NonFiniteError, and the loop saves the last good state before stopping.
 """
 
 from __future__ import annotations
