@@ -128,8 +128,7 @@ class MoETelemetry:
     def finish(self, rows: np.ndarray) -> dict[str, float]:
         """The metrics of the rows `queue_rows` returned, read back to the host."""
         start = time.perf_counter()
-        self.last = load_from_rows(self.layers, rows.reshape(len(self.layers), -1),
-                                   self.num_experts)
+        self.last = load_from_rows(self.layers, rows, self.num_experts)
         metrics = self.last.metrics()
         metrics["moe/telemetry_s"] = self._seconds + time.perf_counter() - start
         self._seconds = 0.0

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moe_lab.testing.distributed import REPO, _env
+from moe_lab.testing.distributed import REPO, child_env
 
 
 def run_cli_crashable(args: list[str], env: dict | None = None, timeout: float = 300,
@@ -24,7 +24,7 @@ def run_cli_crashable(args: list[str], env: dict | None = None, timeout: float =
     """`python -m moe_lab ARGS`; returncode is -9 when it was killed with SIGKILL."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "moe_lab", *args], cwd=cwd or REPO,
-                                env=_env(env), stdout=out, stderr=err, text=True,
+                                env=child_env(env), stdout=out, stderr=err, text=True,
                                 start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout)

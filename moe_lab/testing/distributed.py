@@ -15,7 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _env(extra: dict | None = None) -> dict:
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment for a child moe-lab/test process: no launcher or Slurm
+    variables, one thread per rank, no compile, no telemetry, the repository importable."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1",
@@ -35,7 +37,7 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m moe_lab ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "moe_lab", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd or REPO, env=_env(env))
+                          text=True, timeout=timeout, cwd=cwd or REPO, env=child_env(env))
 
 
 def run_distributed(nproc: int, args: list[str], timeout: float = 600,
@@ -44,7 +46,7 @@ def run_distributed(nproc: int, args: list[str], timeout: float = 600,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "moe_lab", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or REPO, env=_env())
+                          cwd=cwd or REPO, env=child_env())
 
 
 def run_srun_style(nproc: int, args: list[str], timeout: float = 600,
@@ -53,7 +55,7 @@ def run_srun_style(nproc: int, args: list[str], timeout: float = 600,
     port = free_port()
     procs = []
     for rank in range(nproc):
-        env = _env({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nproc),
+        env = child_env({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nproc),
                     "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "4242",
                     "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)})
         procs.append(subprocess.Popen([sys.executable, "-m", "moe_lab", *args], cwd=cwd or REPO,

@@ -7,7 +7,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from moe_lab.testing.distributed import _env, free_port
+from moe_lab.testing.distributed import child_env, free_port
 from moe_lab.tracking.server import start_server, stop_server, wait_until_healthy
 
 
@@ -19,7 +19,7 @@ def mlflow_server(root: Path, port: int | None = None):
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(root / f"server-{port}.log", "ab")
-    process = start_server(f"sqlite:///{root / 'server.db'}", port, _env(), host="127.0.0.1",
+    process = start_server(f"sqlite:///{root / 'server.db'}", port, child_env(), host="127.0.0.1",
                            artifacts_destination=root / "artifacts", stdout=log,
                            stderr=subprocess.STDOUT)
     try:

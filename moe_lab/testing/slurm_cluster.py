@@ -111,9 +111,9 @@ class LocalSlurmCluster:
 
     def client_env(self) -> dict:
         """The environment for `moe-lab`/sbatch processes of a test: clean, plus SLURM_CONF."""
-        from moe_lab.testing.distributed import _env
+        from moe_lab.testing.distributed import child_env
 
-        return _env(self.env)
+        return child_env(self.env)
 
     # -- internals -------------------------------------------------------------------------
     def _env(self) -> dict:

@@ -6,17 +6,16 @@ Run: pytest tests/train/test_grad_accumulation.py
 """
 
 import json
-import os
 import subprocess
 import sys
+
+from moe_lab.testing.distributed import child_env
 
 from ..conftest import REPO, TINY_MOE
 
 
 def test_hooks_accumulate_bit_for_bit_like_megatrons_add():
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    env = child_env({"TRITON_INTERPRET": "1"})
     result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_grad_accumulation",
                              TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)

@@ -7,14 +7,13 @@ Run: pytest tests/train/test_master_adamw.py
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from moe_lab import config as C
-from moe_lab.testing.distributed import free_port
+from moe_lab.testing.distributed import child_env, free_port
 from moe_lab.train import master_adamw
 from moe_lab.train.loop import build_training
 
@@ -26,9 +25,7 @@ from ..conftest import REPO, TINY_MOE
     (2, "true", "DistributedOptimizer")])  # data parallel: each rank updates its shard
 def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(ranks, distributed,
                                                                      optimizer):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    env = child_env({"TRITON_INTERPRET": "1"})
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
