@@ -18,7 +18,7 @@ from moe_lab.data import DataError
 from moe_lab.data.prepare import PrepareStats, prepare, write_indexed
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.testing import run_cli
-from moe_lab.testing.distributed import REPO, _env
+from moe_lab.testing.distributed import REPO, child_env
 
 from .conftest import words_document, write_jsonl
 
@@ -148,7 +148,7 @@ def test_interrupted_runs_leave_nothing_under_the_final_names(tmp_path, tokenize
         cmd = [sys.executable, "-m", "moe_lab", "data", "prepare", "--input",
                str(tmp_path / "big.jsonl"), "--format", "jsonl", "--tokenizer",
                str(tokenizer_dir), "--out", str(tmp_path / name)]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     for name, sig in (("sigint", signal.SIGINT), ("sigkill", signal.SIGKILL)):
         proc, partial = procs[name], tmp_path / f"{name}.bin.partial"

@@ -13,7 +13,7 @@ import sys
 import time
 
 from moe_lab.launch.preemption import EXIT_FORCED
-from moe_lab.testing.distributed import REPO, _env, free_port
+from moe_lab.testing.distributed import REPO, child_env, free_port
 
 HUNG_RANK = """
 import datetime, sys, time
@@ -34,7 +34,7 @@ else:
 def test_watchdog_ends_a_rank_stuck_in_a_collective_with_76():
     port = str(free_port())
     ranks = [subprocess.Popen([sys.executable, "-c", HUNG_RANK, str(rank), port], cwd=REPO,
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in (0, 1)]
     try:
         assert "entering all_reduce" in ranks[0].stdout.readline()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from moe_lab.testing.distributed import REPO, _env
+from moe_lab.testing.distributed import REPO, child_env
 from moe_lab.tracking import read_metrics
 
 from ..conftest import TINY_MOE
@@ -29,7 +29,7 @@ def straight_run(tmp_path_factory):
     metrics rows."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     proc = subprocess.Popen([sys.executable, "-m", "moe_lab", "train", TINY_MOE, "--run-dir",
-                             str(run_dir), *PREEMPTED_STEPS], cwd=REPO, env=_env(),
+                             str(run_dir), *PREEMPTED_STEPS], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def metrics() -> list[dict]:

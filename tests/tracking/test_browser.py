@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from moe_lab.testing import run_cli
-from moe_lab.testing.distributed import REPO, _env, free_port
+from moe_lab.testing.distributed import REPO, child_env, free_port
 
 from .conftest import fake_expert_load, fake_step_metrics, make_sink
 
@@ -69,7 +69,7 @@ def ui_url(sweep):
     """`moe-lab ui` started in the sweep's directory (so over its default store)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "moe_lab", "ui", "--port", str(port)],
-                               cwd=sweep.root, env=_env(), stdout=subprocess.PIPE,
+                               cwd=sweep.root, env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
