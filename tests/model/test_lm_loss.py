@@ -84,3 +84,24 @@ def test_fused_linear_with_tensor_parallelism_is_refused():
     with pytest.raises(C.ConfigError, match="training.cross_entropy.*parallel.tp=1"):
         C.load(TINY_MOE, ["training.cross_entropy=fused_linear", "parallel.tp=2"])
     assert not C.load(TINY_MOE, ["parallel.tp=2"]).fused_cross_entropy  # auto falls back
+
+
+def test_triton_row_kernel_computes_what_the_torch_ops_do():
+    """The GPU's chunk pass (one Triton program per row: a running logsumexp, then softmax -
+    one-hot) through Triton's interpreter against the torch ops of the CPU path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "tests.model.interpreted_lm_loss"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["interpreted"] and got["grad_dtype"] == "torch.bfloat16"
+    assert got["loss_max_rel"] < 1e-5
+    assert got["grad_within_one_bf16_step"]
+    assert got["grad_rows_sum_to_zero"] < 0.05  # softmax sums to one, minus the one-hot
