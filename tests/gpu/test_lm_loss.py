@@ -1,5 +1,6 @@
-"""One GPU: the fused output layer + cross-entropy (model/lm_loss.py, its chunk pass compiled by
-torch.compile) against the unfused computation, at Qwen's vocabulary size in bf16.
+"""One GPU: the fused output layer + cross-entropy (model/lm_loss.py, its chunk pass a Triton row
+kernel) against the unfused computation, at Qwen's vocabulary size in bf16; and that kernel
+against the same arithmetic compiled by torch.compile (values and time).
 
 Run: pytest tests/gpu/test_lm_loss.py -s
 """
@@ -41,3 +42,46 @@ def test_fused_loss_and_gradients_match_unfused_in_bf16():
     assert errors["loss"] < 1e-3  # both fp32 over the same bf16 logits, up to GEMM order
     assert errors["grad_hidden"] < 1e-2 and errors["grad_weight"] < 1e-2  # bf16 rounding
     assert errors["mean_loss"][0] == pytest.approx(errors["mean_loss"][1], rel=1e-4)
+
+
+def _cuda_ms(fn, repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+@needs_gpus(1)
+def test_row_kernel_matches_compiled_chunk_pass():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    vocab = 151936
+    rows = lm_loss.chunk_size(16384, vocab)  # one chunk of shape A at micro-batch 4
+    logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 3).bfloat16()
+    labels = torch.randint(vocab, (rows,), device="cuda", generator=gen)
+
+    compiled = torch.compile(lm_loss._loss_and_grad, dynamic=False)
+    ref_loss, ref_grad = compiled(logits, labels)
+    loss, grad = lm_loss._loss_and_grad_rows(logits, labels)
+    times = {"compiled_ms": _cuda_ms(lambda: compiled(logits, labels)),
+             "row_kernel_ms": _cuda_ms(lambda: lm_loss._loss_and_grad_rows(logits, labels))}
+    for block, warps in [(2048, 4), (4096, 4), (4096, 16), (8192, 8), (8192, 16)]:
+        out_loss = torch.empty(rows, dtype=torch.float32, device="cuda")
+        out_grad = torch.empty_like(logits)
+
+        def run(block=block, warps=warps):
+            lm_loss._loss_and_grad_kernel[(rows,)](logits, labels, out_loss, out_grad,
+                                                   VOCAB=vocab, BLOCK=block, num_warps=warps)
+        times[f"block{block}_warps{warps}_ms"] = _cuda_ms(run)
+    errors = {"rows": rows,
+              "loss_max_abs": float((loss - ref_loss).abs().max()),
+              "grad_max_abs": float((grad.float() - ref_grad.float()).abs().max()),
+              "grad_row_sum_max_abs": float(grad.float().sum(1).abs().max()), **times}
+    report("lm_loss_row_kernel_vs_compiled", errors)
+    assert errors["loss_max_abs"] < 1e-4 * float(ref_loss.abs().max())
+    # one bf16 rounding step of values in [-1, 1]
+    assert errors["grad_max_abs"] <= 2.0**-8
