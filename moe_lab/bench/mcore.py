@@ -29,7 +29,9 @@ def build_step(cfg, variant: str, device):
     counter = iter(range(10**9))
 
     def step():
-        trainer.step(next(counter), [batch])
+        # as `moe-lab train` between checkpoints: the next step's forward and backward are
+        # queued before this step's numbers are read (one extra before the first timed step)
+        trainer.step(next(counter), [batch], next_batches=[batch])
 
     return step, (model, optimizer, trainer)
 

@@ -7,8 +7,8 @@ per step on every rank after the backward pass, stacks one row per MoE layer and
 over all ranks with ONE all-reduce on the device (each layer lives on one pipeline stage, and
 that stage's data-, expert-, tensor- (sequence-) and context-parallel ranks each route different
 tokens, so the sum is the global batch); `finish(rows)` turns the host copy into the metrics, and
-`update_expert_biases()` applies the aux-loss-free bias updates from those counts when the
-update goes ahead:
+`update_expert_biases(keep)` applies the aux-loss-free bias updates from those counts, on the
+device, unless the step's update is skipped:
 
   moe/layer_NN/load_max_over_mean  busiest expert's tokens / mean tokens per expert (1 = even)
   moe/layer_NN/load_cv             std / mean of tokens per expert (0 = even)
@@ -134,13 +134,14 @@ class MoETelemetry:
         self._seconds = 0.0
         return metrics
 
-    def update_expert_biases(self) -> None:
+    def update_expert_biases(self, keep: torch.Tensor | None = None) -> None:
         """The aux-loss-free bias updates from the counts of the last queue_rows(), still on the
-        device: a copy from the host would wait for the update queued before it."""
+        device: a copy from the host would wait for the update queued before it. `keep`: a 0-d
+        device tensor, 0.0 when the step's update is skipped (the biases then stay too)."""
         for row, layer in enumerate(self.layers):
             router = self.routers.get(layer)
             if router is not None and getattr(router, "uses_expert_bias", False):
-                router.update_expert_bias(self.rows[row, : self.num_experts])
+                router.update_expert_bias(self.rows[row, : self.num_experts], keep)
 
 
 class BalanceLosses:

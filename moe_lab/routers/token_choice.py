@@ -72,10 +72,15 @@ class TokenChoiceRouter(LabRouter):
         return Selection(probs.type_as(logits), routing_map, scores)
 
     @torch.no_grad()
-    def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
-        """One aux-loss-free step from the global batch's tokens per expert."""
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor,
+                           keep: torch.Tensor | None = None) -> None:
+        """One aux-loss-free step from the global batch's tokens per expert; `keep` (0-d, 1.0
+        or 0.0) lets the device decide whether it happens, without the host reading it."""
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
-        self.expert_bias += self.router_params.bias_update_rate * torch.sign(load.mean() - load)
+        change = self.router_params.bias_update_rate * torch.sign(load.mean() - load)
+        if keep is not None:
+            change = change * keep.to(change.device, torch.float32)
+        self.expert_bias += change
 
 
 def renormalise(weights: torch.Tensor) -> torch.Tensor:

@@ -54,20 +54,25 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     started = step_start = time.perf_counter()
     steps_timed = 0
 
+    next_batches = None
     while state.step < last:
-        batches = data.batches(state.step, dp_rank, dp_size)
+        batches = next_batches or data.batches(state.step, dp_rank, dp_size)
+        next_batches = None
+        if _may_look_ahead(cfg, state.step + 1, last):
+            next_batches = data.batches(state.step + 1, dp_rank, dp_size)
         faults.at("step_begin")
         try:
-            metrics = trainer.step(state.step, batches)
+            metrics = trainer.step(state.step, batches, next_batches)
         except NonFiniteError:
             if cfg.checkpoint.enabled:
                 checkpointer.save_last_good(state)  # the bad update was not applied
             raise
         faults.at("step_end")
-        # No synchronisation here (as in Megatron-LM): the host queues the next forward while
-        # the GPU runs this step's optimizer. Every step waits for the GPU before its update
-        # (loss, gradient norm), so the time from one step's end to the next one's is the step
-        # time, logging and data included; validation and checkpoints are left out below.
+        # No synchronisation here (as in Megatron-LM): the GPU runs this step's optimizer and
+        # usually the next step's forward and backward (queued by trainer.step) while the host
+        # logs. Every step reads its loss and gradient norm, so the time from one step's end to
+        # the next one's is the step time, logging and data included; validation and
+        # checkpoints are left out below.
         step_end = time.perf_counter()
         step_time, step_start = step_end - step_start, step_end
         state.step += 1
@@ -92,6 +97,15 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             break
     checkpointer.close()
     return state
+
+
+def _may_look_ahead(cfg: ExperimentConfig, done: int, last: int) -> bool:
+    """Whether the step that makes `done` steps may queue the next step's forward and backward
+    before its numbers are read (Trainer.step): not before the last step, a checkpoint or a
+    validation, which must see the model between two steps with nothing of the next queued."""
+    due = [n for n in (cfg.checkpoint.interval if cfg.checkpoint.enabled else 0,
+                       cfg.training.eval_interval) if n and done % n == 0]
+    return done < last and not due
 
 
 def build_training(cfg: ExperimentConfig, use_gpu: bool):

@@ -64,21 +64,43 @@ class Trainer:
                                            cfg.moe.topk) if cfg.moe.enabled else None)
         balance = BalanceLosses(cfg.moe.balance, cfg.model.num_layers, self.moe_pattern)
         self.balance = balance if cfg.moe.enabled and balance.coefficients else None
+        self._ahead: tuple[int, list[dict]] | None = None  # (step, outputs) queued early
 
     @property
     def expert_load(self):
         """[MoE layers, experts] int64 tokens per expert of the last step; None when dense."""
         return self.moe_telemetry.expert_load if self.moe_telemetry else None
 
-    def step(self, step: int, batches: list[dict]) -> dict[str, float]:
-        """Train on this rank's micro-batches of global step `step` (0-based)."""
+    def step(self, step: int, batches: list[dict],
+             next_batches: list[dict] | None = None) -> dict[str, float]:
+        """Train on this rank's micro-batches of global step `step` (0-based).
+
+        With `next_batches` (step + 1's micro-batches) and the fused update, step + 1's forward
+        and backward are queued behind this step's update before this step's numbers are read:
+        the GPU then has a whole step of work queued while the host reads, logs and checks, and
+        does not wait for the host's next forward. They read only what this step's update and
+        expert-bias update wrote (both queued before them, and skipped on the GPU together).
+        The next call, for step + 1, uses them; its `batches` must be those `next_batches`."""
+        outputs = self._take_ahead(step)
+        if outputs is None:
+            outputs = self._forward_backward(batches)
+        norm, numbers, readout = self._queue_update(outputs, len(batches))
+        if next_batches is not None and norm is not None:
+            self._ahead = step + 1, self._forward_backward(next_batches)
+        return self._finish(step, norm, numbers, readout)
+
+    def _take_ahead(self, step: int) -> list[dict] | None:
+        ahead, self._ahead = self._ahead, None
+        return ahead[1] if ahead is not None and ahead[0] == step else None
+
+    def _forward_backward(self, batches: list[dict]) -> list[dict]:
         t = self.cfg.training
         # phase:* ranges name the step's parts in a profile (moe-lab bench --profile).
         with record_function("phase:zero_grad"):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
         with record_function("phase:forward_backward"):
-            outputs = self.forward_backward(
+            return self.forward_backward(
                 forward_step_func=self.forward_step,
                 data_iterator=iter(batches),
                 model=[self.model],
@@ -87,17 +109,27 @@ class Trainer:
                 micro_batch_size=t.micro_batch_size,
                 forward_only=False,
             )
+
+    def _queue_update(self, outputs: list[dict], num_microbatches: int):
+        """The step's numbers into one host copy, then (fused path) the update and the expert
+        biases' update, all queued before anything is read; both skip themselves on the GPU
+        when the loss or the norm is not finite. Returns (norm or None, numbers, readout)."""
         with record_function("phase:guard"):
             # the global gradient norm, once (fused path; None: megatron's step computes it)
             norm = optim.prepare_and_norm(self.optimizer)
-            numbers = self._queue_numbers(outputs, len(batches), norm)
+            numbers = self._queue_numbers(outputs, num_microbatches, norm)
             readout = Readout(numbers)
         if norm is not None:
-            # Queued before anything is read: the GPU runs the update while the host reads, and
-            # the update skips itself on the GPU when the loss or the norm is not finite.
             with record_function("phase:optimizer"):
                 optim.fused_update(self.optimizer, norm, self.cfg.optimizer.clip_grad,
                                    numbers["nonfinite"])
+                if self.moe_telemetry:
+                    self.moe_telemetry.update_expert_biases(keep=1.0 - numbers["nonfinite"])
+        return norm, numbers, readout
+
+    def _finish(self, step: int, norm, numbers, readout) -> dict[str, float]:
+        """Reads the step's numbers and acts on them: metrics, the non-finite guard, and on
+        megatron's path (norm None) the expert biases and megatron's own optimizer step."""
         with record_function("phase:guard"):
             values = readout.get()
             metrics = self._metrics(values)
@@ -111,9 +143,9 @@ class Trainer:
                 skipped = act_on_nonfinite(self.cfg, step, metrics, self.optimizer, bad)
         if skipped is not None:  # a NaN/Inf with training.on_nonfinite=skip
             return skipped
-        if self.moe_telemetry:
-            self.moe_telemetry.update_expert_biases()
         if norm is None:
+            if self.moe_telemetry:
+                self.moe_telemetry.update_expert_biases()
             with record_function("phase:optimizer"):
                 _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)

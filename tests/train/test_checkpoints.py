@@ -182,6 +182,26 @@ def test_nonfinite_gradient_with_skip_leaves_weights_and_optimizer_alone(tmp_pat
     assert not all(torch.equal(before[k], later[k]) for k in before)  # step 4 did train
 
 
+def test_next_step_queued_early_trains_exactly_like_step_by_step(tmp_path):
+    """Trainer.step queues the next step's forward and backward before reading its own numbers
+    except before a checkpoint (train/loop.py): a checkpoint every step turns that off. With a
+    skipped NaN step and aux-loss-free expert biases in between, both must train identically."""
+    common = ("training.max_steps=6", "checkpoint.keep_last=0", "training.on_nonfinite=skip",
+              "moe.router.expert_bias=true")
+    step_by_step, early = tmp_path / "step_by_step", tmp_path / "early"
+    train(step_by_step, *common, "checkpoint.interval=1", fault="nan@grads:3")
+    train(early, *common, "checkpoint.interval=6", fault="nan@grads:3")
+    same_rows(early, step_by_step)
+    got, want = (read_metrics(run / "metrics.jsonl") for run in (early, step_by_step))
+    assert [r.get("skipped") for r in got] == [r.get("skipped") for r in want]
+    assert got[2]["skipped"] == 1.0
+    assert [r["moe/layer_01/load_cv"] for r in got] == [r["moe/layer_01/load_cv"] for r in want]
+    final = [_tensors(checkpoints(run)[6], tmp_path / run.name) for run in (early, step_by_step)]
+    assert final[0].keys() == final[1].keys()
+    assert any(k.endswith("router.expert_bias") for k in final[0])
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
 def test_nonfinite_gradient_stops_at_the_last_good_state_and_resumes_exactly(tmp_path,
                                                                             straight_run):
     run = tmp_path / "run"
