@@ -19,6 +19,9 @@
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
+#  nanskip       8 steps of `moe-lab train` at A (2 layers, mbs 1) with a NaN gradient at step 3
+#                (the test-only fault MOE_LAB_TEST_FAULT), training.on_nonfinite=skip and
+#                aux-loss-free expert biases: the update skipped on the GPU, the rest trained;
 #  gcA4          scripts/gc_probe.py: Python's garbage collector in back-to-back steps of A mbs 4;
 #  gradacc       pytest tests/gpu/test_grad_accumulation.py (bf16 -> fp32 main_grad kernel);
 #  profB2        moe-lab bench --profile of shape B (2 layers) at mbs 2, variants $VARIANTS;
@@ -195,6 +198,14 @@ EOF
       training.log_interval=1 checkpoint.enabled=false tracking.enabled=false \
       2>&1 | quiet > "$res/$stage.log"
     cp /tmp/runs/trainA1/metrics.jsonl "$res/trainA1.metrics.jsonl" ;;
+  nanskip)
+    MOE_LAB_TEST_FAULT=nan@grads:3 timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b \
+      --run-dir /tmp/runs/nanskip model.num_layers=2 model.backend=torch training.precision=bf16 \
+      training.seq_length=4096 training.micro_batch_size=1 training.global_batch_size=1 \
+      training.max_steps=8 training.log_interval=1 training.on_nonfinite=skip \
+      moe.router.expert_bias=true checkpoint.enabled=false tracking.enabled=false \
+      2>&1 | quiet > "$res/$stage.log"
+    cp /tmp/runs/nanskip/metrics.jsonl "$res/nanskip.metrics.jsonl" ;;
   ce_curve)  # the fused LM loss and megatron's over 60 training steps, same data and weights
     for ce in fused_linear megatron; do
       timeout 150 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/ce_$ce" \
