@@ -1,6 +1,6 @@
 """One GPU: train/grad_accumulation.py's kernel adds bf16 gradients into fp32 main gradients
-exactly as torch's add does, faster, and in a training model its hooks take over megatron's
-add.
+exactly as torch's add does, faster (and writes a step's first one over the zeroed buffer with
+the same values), and in a training model its hooks take over megatron's add.
 
 Run: pytest tests/gpu/test_grad_accumulation.py -s
 """
@@ -26,14 +26,23 @@ def test_kernel_adds_like_torch_and_faster():
         accumulate(m, g)
         r.add_(g)
     equal = all(torch.equal(m, r) for m, r in zip(mains, ref))
+    # a step's first gradient is written over the zeroed buffer instead of added to it
+    firsts = [torch.zeros_like(m) for m in mains]
+    for f, g in zip(firsts, grads):
+        accumulate(f, g, overwrite=True)
+    first_equal = all(torch.equal(f, torch.zeros_like(f).add_(g)) for f, g in zip(firsts, grads))
     kernel_ms = cuda_event_ms(lambda: [accumulate(m, g) for m, g in zip(mains, grads)])
+    overwrite_ms = cuda_event_ms(lambda: [accumulate(f, g, overwrite=True)
+                                          for f, g in zip(firsts, grads)])
     torch_ms = cuda_event_ms(lambda: [r.add_(g) for r, g in zip(ref, grads)])
     params = sum(numels)
     report("grad_accumulation_kernel", {
         "params": params, "bit_equal_to_torch_add": equal, "kernel_ms": kernel_ms,
         "torch_add_ms": torch_ms, "kernel_GBps": 10 * params / kernel_ms / 1e6,
-        "torch_GBps": 10 * params / torch_ms / 1e6})
-    assert equal
+        "torch_GBps": 10 * params / torch_ms / 1e6, "first_write_equal_to_add_into_zeros":
+        first_equal, "first_write_ms": overwrite_ms,
+        "first_write_GBps": 6 * params / overwrite_ms / 1e6})
+    assert equal and first_equal
     assert kernel_ms < torch_ms
 
 
