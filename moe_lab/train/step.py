@@ -91,7 +91,11 @@ class Trainer:
 
     def _take_ahead(self, step: int) -> list[dict] | None:
         ahead, self._ahead = self._ahead, None
-        return ahead[1] if ahead is not None and ahead[0] == step else None
+        if ahead is not None and ahead[0] != step:
+            # its routing counts and balancing losses would leak into this step's
+            raise RuntimeError(f"Trainer.step({step}) after step {ahead[0]}'s forward and "
+                               f"backward were queued")
+        return None if ahead is None else ahead[1]
 
     def _forward_backward(self, batches: list[dict]) -> list[dict]:
         t = self.cfg.training
@@ -151,8 +155,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        # Nothing after the update reads the GPU: the host goes on to the next step's forward
-        # while the GPU runs the optimizer (train/loop.py does not synchronise either).
+        # The host waited for this step's numbers only: the GPU is still running the update
+        # (and the next step's forward and backward when they were queued).
         return metrics
 
     def _queue_numbers(self, outputs: list[dict], num_microbatches: int,

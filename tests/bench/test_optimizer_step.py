@@ -67,3 +67,18 @@ def test_resumed_step_counters_move_to_the_parameters_device(world):
     sub.optimizer.step()
     steps = {float(s["step"]) for s in sub.optimizer.state.values() if "step" in s}
     assert steps == {6.0}
+
+
+def test_a_step_other_than_the_one_queued_early_is_refused(world):
+    """Trainer.step(s, ..., next_batches) queues step s + 1's forward and backward; a call for
+    another step would mix their routing counts and balancing losses into its own."""
+    cfg = C.load(TINY_MOE, OVERRIDES)
+    config, model, optimizer, scheduler = build_training(cfg, use_gpu=False)
+    data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
+    trainer = Trainer(cfg, config, model, optimizer, scheduler, data)
+    batches = [data.batch([0, 1, 2, 3])]
+    trainer.step(0, batches, next_batches=batches)
+    assert trainer.step(1, batches)["loss"] > 0  # the queued one
+    trainer.step(2, batches, next_batches=batches)
+    with pytest.raises(RuntimeError, match=r"Trainer.step\(4\) after step 3's forward"):
+        trainer.step(4, batches)
