@@ -30,7 +30,8 @@ def build_step(cfg, variant: str, device):
 
     def step():
         # as `moe-lab train` between checkpoints: the next step's forward and backward are
-        # queued before this step's numbers are read (one extra before the first timed step)
+        # queued before this step's numbers are read (so each call queues one update and one
+        # forward and backward; the very first call queues its own forward and backward too)
         trainer.step(next(counter), [batch], next_batches=[batch])
 
     return step, (model, optimizer, trainer)

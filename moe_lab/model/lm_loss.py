@@ -4,8 +4,8 @@ megatron-core computes the logits [tokens, vocab] with the output layer, upcasts
 takes the cross-entropy in several passes; with Qwen's 151,936-token vocabulary that tensor is the
 largest of the step (10 GB at 16k tokens) and the passes over it cost as much GPU time as the
 output layer's three GEMMs. Here the tokens go through in chunks: for each chunk the logits GEMM,
-one fused pass (a Triton kernel on the GPU) that gives the loss and softmax - one-hot, then the gradient
-GEMMs right away, so no logits tensor outlives its chunk. Plugged in through GPTModel's
+one fused pass (a Triton kernel on the GPU) that gives the loss and softmax - one-hot, then the
+gradient GEMMs right away, so no logits tensor outlives its chunk. Plugged in through GPTModel's
 `output_processor` hook; the output layer's weight and its checkpoint key stay megatron's.
 
 The weight gradient sums over tokens, so forward must know how the caller weights each token's
@@ -141,8 +141,8 @@ ROW_BLOCK, ROW_WARPS = 4096, 8
 def _loss_and_grad_rows(logits: torch.Tensor, labels: torch.Tensor):
     """`_loss_and_grad` as one Triton kernel, a program per row: the logsumexp in one pass (a
     running max and a sum of exponentials rescaled when the max grows), then softmax - one-hot
-    written in a second. (torch.compile's kernel for the same arithmetic, used before, took
-    5.8 ms a step at shape A with 16k tokens.)"""
+    written in a second: 0.78 ms for a chunk of shape A (3,277 x 151,936) on an H200 against
+    1.13 ms for torch.compile's kernel of the same arithmetic, used before (docs/performance.md)."""
     logits = logits.contiguous()
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)

@@ -56,8 +56,10 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
 
     next_batches = None
     while state.step < last:
-        batches = next_batches or data.batches(state.step, dp_rank, dp_size)
-        next_batches = None
+        if next_batches is None:
+            batches = data.batches(state.step, dp_rank, dp_size)
+        else:  # fetched last step, whose call to trainer.step queued them already
+            batches, next_batches = next_batches, None
         if _may_look_ahead(cfg, state.step + 1, last):
             next_batches = data.batches(state.step + 1, dp_rank, dp_size)
         faults.at("step_begin")
