@@ -48,7 +48,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def world():
     """A one-rank gloo world with megatron's parallel state, for in-process model tests (each
-    test module gets its own)."""
+    test module gets its own, and its own MoE metrics tracker: megatron's is process-global and
+    sized by the first model's layer count)."""
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
     from moe_lab import config as C
     from moe_lab.compat import enable_cpu_compat
     from moe_lab.launch.distributed import detect_env, init_distributed, shutdown_distributed
@@ -57,3 +60,4 @@ def world():
     init_distributed(C.load(TINY_MOE), detect_env({}), use_gpu=False)
     yield
     shutdown_distributed()
+    destroy_moe_metrics_tracker()
