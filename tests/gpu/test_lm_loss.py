@@ -8,6 +8,7 @@ Run: pytest tests/gpu/test_lm_loss.py -s
 import pytest
 import torch
 
+from moe_lab.bench.timing import cuda_event_ms
 from moe_lab.model import lm_loss
 
 from .conftest import needs_gpus, report
@@ -44,18 +45,6 @@ def test_fused_loss_and_gradients_match_unfused_in_bf16():
     assert errors["mean_loss"][0] == pytest.approx(errors["mean_loss"][1], rel=1e-4)
 
 
-def _cuda_ms(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 @needs_gpus(1)
 def test_row_kernel_matches_compiled_chunk_pass():
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -67,8 +56,8 @@ def test_row_kernel_matches_compiled_chunk_pass():
     compiled = torch.compile(lm_loss._loss_and_grad, dynamic=False)
     ref_loss, ref_grad = compiled(logits, labels)
     loss, grad = lm_loss._loss_and_grad_rows(logits, labels)
-    times = {"compiled_ms": _cuda_ms(lambda: compiled(logits, labels)),
-             "row_kernel_ms": _cuda_ms(lambda: lm_loss._loss_and_grad_rows(logits, labels))}
+    times = {"compiled_ms": cuda_event_ms(lambda: compiled(logits, labels)),
+             "row_kernel_ms": cuda_event_ms(lambda: lm_loss._loss_and_grad_rows(logits, labels))}
     for block, warps in [(2048, 4), (4096, 4), (4096, 16), (8192, 8), (8192, 16)]:
         out_loss = torch.empty(rows, dtype=torch.float32, device="cuda")
         out_grad = torch.empty_like(logits)
@@ -76,7 +65,7 @@ def test_row_kernel_matches_compiled_chunk_pass():
         def run(block=block, warps=warps):
             lm_loss._loss_and_grad_kernel[(rows,)](logits, labels, out_loss, out_grad,
                                                    VOCAB=vocab, BLOCK=block, num_warps=warps)
-        times[f"block{block}_warps{warps}_ms"] = _cuda_ms(run)
+        times[f"block{block}_warps{warps}_ms"] = cuda_event_ms(run)
     errors = {"rows": rows,
               "loss_max_abs": float((loss - ref_loss).abs().max()),
               "grad_max_abs": float((grad.float() - ref_grad.float()).abs().max()),
