@@ -29,10 +29,7 @@ def main() -> None:
     parser.add_argument("--variant", default="mcore_torch_bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    cfg = config_lib.load(args.preset, [
-        f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
-        f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
-        "checkpoint.enabled=false"])
+    cfg = config_lib.load(args.preset, mcore.shape_overrides(args.layers, args.seq, args.mbs))
     init_distributed(cfg, detect_env({}), use_gpu=True)
     pauses: list[tuple[int, float]] = []
     started = [0.0]

@@ -27,10 +27,8 @@ def main() -> None:
     parser.add_argument("--variant", default="mcore_torch_bf16")
     args = parser.parse_args()
     kind, *overrides = args.variant.split("+")
-    cfg = config_lib.load(args.preset, [
-        f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
-        f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
-        "checkpoint.enabled=false", *overrides])
+    shape = mcore.shape_overrides(args.layers, args.seq, args.mbs)
+    cfg = config_lib.load(args.preset, shape + overrides)
     init_distributed(cfg, detect_env({}), use_gpu=True)
     try:
         step, _ = mcore.build_step(cfg, kind, torch.device("cuda"))

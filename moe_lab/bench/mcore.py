@@ -11,6 +11,14 @@ from moe_lab.train.loop import build_training
 from moe_lab.train.step import Trainer
 
 
+def shape_overrides(layers: int, seq: int, mbs: int) -> list[str]:
+    """The config overrides of a bench shape: `layers` layers, `seq` tokens a sequence, one
+    micro-batch of `mbs` sequences a step, no checkpoints."""
+    return [f"model.num_layers={layers}", f"training.seq_length={seq}",
+            f"training.micro_batch_size={mbs}", f"training.global_batch_size={mbs}",
+            "checkpoint.enabled=false"]
+
+
 def variant_config(cfg, variant: str):
     _, backend, precision = variant.split("_")
     return dataclasses.replace(

@@ -47,10 +47,15 @@ def validation_loss(cfg, model, data) -> float:
     return float(total[0] / total[1])
 
 
+def validation_due(cfg, step: int) -> bool:
+    """Whether the run validates after `step` steps (every training.eval_interval; 0: never)."""
+    interval = cfg.training.eval_interval
+    return bool(interval) and step % interval == 0
+
+
 def log_validation(cfg, model, data, step: int, sinks: list) -> float | None:
     """Every training.eval_interval steps: valid/loss to the sinks (split "valid")."""
-    interval = cfg.training.eval_interval
-    if not interval or step % interval:
+    if not validation_due(cfg, step):
         return None
     loss = validation_loss(cfg, model, data)
     for sink in sinks:

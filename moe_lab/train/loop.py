@@ -18,7 +18,7 @@ from moe_lab.config import ExperimentConfig, derive
 from moe_lab.data import build_data_source
 from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import Checkpointer, TrainState, load_checkpoint
-from moe_lab.train.evaluate import log_validation
+from moe_lab.train.evaluate import log_validation, validation_due
 from moe_lab.train.faults import Fault, FaultInjector
 from moe_lab.train.grad_accumulation import fuse_main_grad_accumulation
 from moe_lab.train.guard import NonFiniteError
@@ -50,7 +50,6 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     dp_size = parallel_state.get_data_parallel_world_size()
     flops_per_token = derive(cfg).flops_per_token
     last = min(t.max_steps, stop_at_step or t.max_steps)
-    interval = cfg.checkpoint.interval
     started = step_start = time.perf_counter()
     steps_timed = 0
 
@@ -88,8 +87,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
             _log_expert_load(sinks, state.step, trainer.expert_load)
         validated = log_validation(cfg, model, data, state.step, sinks) is not None
         stop = stop_requested is not None and stop_requested()
-        due = (interval and state.step % interval == 0) or state.step == last or stop
-        saved = cfg.checkpoint.enabled and due
+        saved = _checkpoint_due(cfg, state.step, last) or (cfg.checkpoint.enabled and stop)
         if saved:
             checkpointer.save(state)
         checkpointer.poll()
@@ -101,13 +99,17 @@ def train(cfg: ExperimentConfig, run_dir: Path, sinks: list, use_gpu: bool,
     return state
 
 
+def _checkpoint_due(cfg: ExperimentConfig, done: int, last: int) -> bool:
+    """A checkpoint after `done` steps: every checkpoint.interval, and at the last step."""
+    interval = cfg.checkpoint.interval
+    return cfg.checkpoint.enabled and ((bool(interval) and done % interval == 0) or done == last)
+
+
 def _may_look_ahead(cfg: ExperimentConfig, done: int, last: int) -> bool:
     """Whether the step that makes `done` steps may queue the next step's forward and backward
     before its numbers are read (Trainer.step): not before the last step, a checkpoint or a
     validation, which must see the model between two steps with nothing of the next queued."""
-    due = [n for n in (cfg.checkpoint.interval if cfg.checkpoint.enabled else 0,
-                       cfg.training.eval_interval) if n and done % n == 0]
-    return done < last and not due
+    return done < last and not _checkpoint_due(cfg, done, last) and not validation_due(cfg, done)
 
 
 def build_training(cfg: ExperimentConfig, use_gpu: bool):

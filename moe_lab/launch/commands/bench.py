@@ -78,9 +78,8 @@ def run(args) -> int:
     if env.world_size > 1 and any(k in hf.VARIANTS for k in kinds.values()):
         raise UserError("--variants: transformers baselines run in a world of one process; "
                         "under torchrun bench mcore_* variants only")
-    base = [f"model.num_layers={args.layers}", f"training.seq_length={args.seq}",
-            f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={args.mbs}",
-            "optimizer.warmup_steps=0", "checkpoint.enabled=false", *args.overrides]
+    base = [*mcore.shape_overrides(args.layers, args.seq, args.mbs), "optimizer.warmup_steps=0",
+            *args.overrides]
     # Every variant's config is loaded and checked before the first model is built.
     configs = {}
     for v in variants:
