@@ -13,11 +13,15 @@ DEFAULT_VARIANTS = "hf_grouped_bf16,hf_grouped_fp32,mcore_te_bf16,mcore_torch_bf
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="time training steps of moe-lab backends against transformers",
-        description="Build each variant in turn in this process (same shape, tokens and AdamW), "
-                    "time fwd+bwd+optimizer steps after warm-up and print tokens/s, model "
-                    "TFLOP/s, MFU, peak memory, time per step and the ratio of every row to "
-                    "each transformers baseline. 'step ms' (and tokens/s): steps back to back "
-                    "as in training; 'isolated ms': the median step synchronised at both ends "
+        description="Build each variant in turn (same shape, tokens and AdamW; on one GPU "
+                    "each in a child process of its own, under torchrun or --in-process in "
+                    "this one), time fwd+bwd+optimizer steps after "
+                    "warm-up and print tokens/s, model TFLOP/s, MFU, peak memory, time per step "
+                    "and the ratio of every row to each transformers baseline. 'step ms' (and "
+                    "tokens/s): steps back to back as in training (moe-lab variants queue the "
+                    "next step's forward and backward before reading a step's loss, as "
+                    "`moe-lab train` does between checkpoints); 'isolated ms': the median step "
+                    "synchronised at both ends "
                     "(the host's time to issue the forward exposed); 'GPU ms': kernel time; "
                     "'host ms': the Python thread's CPU time of an isolated step.",
         epilog="example: moe-lab bench --preset qwen1.5-moe-a2.7b --layers 4 --seq 4096 --mbs 4 "
