@@ -189,9 +189,9 @@ class OptimizerConfig:
     # them back, so this needs checkpoint.enabled=false (benchmarks).
     store_param_remainders: bool = False
     # The update of the fp32 master weights (train/master_adamw.py): "triton" is one kernel for
-    # AdamW and the bf16 weight copy; "megatron" is megatron's step (torch's fused AdamW, then
-    # its copy); "auto" takes "triton" where it applies (CUDA, torch's AdamW, no
-    # precision-aware optimizer).
+    # AdamW and the bf16 weight copy; "megatron" is megatron's step with megatron's choice of
+    # Adam (Transformer Engine's FusedAdam when TE is installed, else torch's fused AdamW), then
+    # its copy; "auto" takes "triton" where it applies (CUDA, no precision-aware optimizer).
     update_impl: Literal["auto", "triton", "megatron"] = "auto"
 
     def __post_init__(self):

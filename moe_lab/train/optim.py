@@ -11,8 +11,9 @@ through megatron's public pieces (prepare_grads, step_with_ready_grads) with the
 in one multi-tensor reduction and the clipping folded into the fused AdamW kernel (its
 `grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
-coefficient clip / (norm + 1e-6) when it is below 1. Any other optimizer (Transformer Engine's
-FusedAdam when TE is installed, the precision-aware optimizer) falls back to megatron's own step.
+coefficient clip / (norm + 1e-6) when it is below 1. With Transformer Engine installed, megatron's
+choice of TE's FusedAdam is replaced by torch's AdamW (`_use_torch_adamw`); the precision-aware
+optimizer (TE only) and `optimizer.update_impl=megatron` keep megatron's own step.
 On CUDA the update itself is train/master_adamw.py's kernel (`optimizer.update_impl`), which
 writes the bf16 weights in the same pass instead of megatron's copy after torch's AdamW.
 """
@@ -69,6 +70,7 @@ def build_optimizer(cfg: ExperimentConfig, config, model: DistributedDataParalle
         ),
         [model],
     )
+    _use_torch_adamw(optimizer, o.update_impl)
     _use_fused_adamw(optimizer)
     _use_master_kernel(optimizer, o.update_impl)
     # The pipeline schedules read these hooks from the model config.
@@ -108,6 +110,32 @@ def _fusable(sub) -> bool:
     params = [p for g in inner.param_groups for p in g["params"]]
     return bool(params) and all(p.dtype == torch.float32 and p.device.type in ("cuda", "cpu")
                                 and p.device == params[0].device for p in params)
+
+
+def _use_torch_adamw(optimizer, impl: str) -> None:
+    """torch's AdamW where megatron-core built Transformer Engine's (or apex's) FusedAdam.
+
+    megatron-core steps with TE's FusedAdam whenever TE can be imported (NGC containers), and the
+    path below (one norm reduction, clipping inside the update, train/master_adamw.py's kernel,
+    the next step queued early) takes torch's AdamW only: with TE installed, every run fell back
+    to megatron's slower step. Both optimizers keep the same state (`exp_avg`, `exp_avg_sq` per
+    parameter) and do the same AdamW math; only where the step count lives differs, and
+    checkpoints save it as one number (train/optimizer_state.py). megatron replaces its inner
+    optimizer over the same param groups in the same way for CPU offloading
+    (DistributedOptimizer.__init__). `optimizer.update_impl=megatron` keeps megatron's choice;
+    the precision-aware optimizer (bf16 state) exists only in TE's FusedAdam.
+    """
+    if impl == "megatron":
+        return
+    for sub in _subs(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if (inner is None or isinstance(inner, torch.optim.AdamW) or inner.state
+                or sub.config.use_precision_aware_optimizer
+                or not getattr(inner, "adam_w_mode", False)  # Adam with L2, or SGD: keep it
+                or getattr(inner, "master_weights", False) or getattr(inner, "capturable", False)):
+            continue
+        hyper = {k: inner.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        sub.optimizer = torch.optim.AdamW(inner.param_groups, **hyper)
 
 
 def _use_fused_adamw(optimizer) -> None:

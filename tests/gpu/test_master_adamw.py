@@ -1,10 +1,13 @@
 """One GPU: train/master_adamw.py's kernel updates like megatron's step (torch's fused AdamW,
 then megatron's copy into the bf16 weights), writes bf16 weights rounded to nearest even, and
-takes less time than the two of them.
+takes less time than the two of them. With Transformer Engine installed, megatron's step is TE's
+FusedAdam, and the kernel's run shows that moe-lab replaced it (`update_impl=triton` refuses to
+start where the kernel cannot take the update).
 
 Run: pytest tests/gpu/test_master_adamw.py -s
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -30,7 +33,9 @@ def test_training_with_the_kernel_matches_megatrons_update(tmp_path):
         curves[impl] = read_metrics(tmp_path / impl / "metrics.jsonl")
     losses = {impl: [row["loss/lm"] for row in rows] for impl, rows in curves.items()}
     norms = {impl: [row["grad_norm"] for row in rows] for impl, rows in curves.items()}
-    report("master_adamw_training", {"loss/lm": losses, "grad_norm": norms})
+    te = importlib.util.find_spec("transformer_engine") is not None
+    report("master_adamw_training", {"loss/lm": losses, "grad_norm": norms,
+                                     "megatron's Adam": "TE FusedAdam" if te else "torch AdamW"})
     assert len(losses["triton"]) == 6
     assert losses["triton"][0] == losses["megatron"][0]  # same start
     # same update in fp32; the order of rounding apart
