@@ -107,10 +107,6 @@ def check_transformer_engine(cfg: ExperimentConfig) -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformer_engine") is not None:
-        if cfg.optimizer.update_impl == "triton":  # megatron then builds TE's FusedAdam
-            raise ConfigError("optimizer.update_impl: triton steps torch's AdamW, but with "
-                              "Transformer Engine installed megatron-core uses TE's FusedAdam; "
-                              "use auto", key="optimizer.update_impl")
         return
     if cfg.model.backend == "te":
         raise ConfigError("model.backend: te needs Transformer Engine, which is not installed; "
