@@ -59,6 +59,10 @@ def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool
         variable_seq_lengths=False,
         **_RECOMPUTE[t.recompute],
     )
+    if m.backend == "te":
+        # Transformer Engine's fused RoPE, Megatron-LM's default wherever TE is installed (the
+        # te backend always has it); unfused, RoPE is several elementwise passes over q and k.
+        fields.update(apply_rope_fusion=True)
     if t.precision == "fp8":
         fields.update(fp8="e4m3" if t.fp8_recipe in ("blockwise", "mxfp8") else "hybrid",
                       fp8_recipe=t.fp8_recipe)
@@ -85,6 +89,9 @@ def _moe_fields(cfg: ExperimentConfig) -> dict:
         moe_z_loss_coeff=balance.z or None,
         moe_router_dtype="fp32",
         moe_grouped_gemm=cfg.model.backend == "te",
+        # TE's fused token permutation in megatron's dispatchers (Megatron-LM's
+        # --moe-permute-fusion): one kernel each way instead of sorts and index copies
+        moe_permute_fusion=cfg.model.backend == "te",
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=False,
     )
