@@ -56,7 +56,8 @@ quiet() { grep -v -i "warn\|_warn_once\|^  warnings\.\|^$" ; }
 A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
 variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
-# With Transformer Engine installed: its FusedAdam (megatron's choice then), the precision-aware
+# With Transformer Engine installed (moe-lab still steps with torch's AdamW and its own kernel;
+# `+optimizer.update_impl=megatron` for megatron's step with TE's FusedAdam), the precision-aware
 # optimizer with bf16 moments and main gradients (the 2026-11-30 runs had the master weights'
 # remainders on, megatron's default: store_param_remainders=true), the TE backend in bf16 and FP8 (blockwise).
 pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16+optimizer.store_param_remainders=true
@@ -166,10 +167,11 @@ EOF
         # (an identity at EP=1: ~200 host ops a layer on the CPU), allgather does not but syncs twice
         bench "$stage" 300 "${A[@]}" --mbs "${stage#dispA}" \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+moe.dispatcher=allgather" ;;
-  fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8, same data and weights
+  fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8 ($FP8_RECIPE), same data and weights
     for prec in bf16 fp8; do
       timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$prec" \
-        model.num_layers=2 model.backend=te training.precision=$prec training.fp8_recipe=blockwise \
+        model.num_layers=2 model.backend=te training.precision=$prec \
+        training.fp8_recipe="${FP8_RECIPE:-blockwise}" \
         training.seq_length=4096 training.micro_batch_size=2 training.global_batch_size=4 \
         training.max_steps=100 training.log_interval=10 checkpoint.enabled=false \
         tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$prec.log"

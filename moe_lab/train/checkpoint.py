@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from moe_lab.config import ExperimentConfig
@@ -62,12 +63,18 @@ def _unwrap(model):
 # bias is balancing state that starts at zero, not a learned weight, and a dense model upcycled
 # or a run trained without it has none.
 FRESH_IF_ABSENT = (".router.expert_bias",)
+# Module extra state that any checkpoint may lack: Transformer Engine's FP8 scaling state, None
+# in megatron's own linears, absent from modules that keep none (the torch backend's experts,
+# SDPA). A checkpoint written by another backend holds other such objects than the loading model
+# asks for; those it lacks start fresh, as in a new run.
+EXTRA_STATE = ("._extra_state",)
 
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainState:
     """Load the model, and the optimizer, scheduler, step and RNG when given an optimizer."""
     model_state = _unwrap(model).sharded_state_dict()
-    fresh = _fresh_if_absent(model_state, path) if optimizer is None else set()
+    optional = EXTRA_STATE + (FRESH_IF_ABSENT if optimizer is None else ())
+    fresh = _fresh_if_absent(model_state, path, optional)
     model_state = {k: v for k, v in model_state.items() if k not in fresh}
     sharded = {"model": model_state}
     optimizer_state = None
@@ -86,12 +93,13 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainS
     return TrainState(**loaded["train_state"])
 
 
-def _fresh_if_absent(model_state: dict, path: Path) -> set[str]:
-    """State-dict keys in FRESH_IF_ABSENT whose tensors the checkpoint at `path` does not hold."""
-    candidates = {k for k in model_state if k.endswith(FRESH_IF_ABSENT)}
+def _fresh_if_absent(model_state: dict, path: Path, suffixes: tuple[str, ...]) -> set[str]:
+    """State-dict keys ending in one of `suffixes` whose tensor or object the checkpoint at
+    `path` does not hold."""
+    candidates = {k for k in model_state if k.endswith(suffixes)}
     if not candidates:
         return set()
-    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    stored = {item.key for item in load_sharded_metadata(str(path)).values()}
     return {k for k in candidates if getattr(model_state[k], "key", k) not in stored}
 
 

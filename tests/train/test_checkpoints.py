@@ -28,6 +28,7 @@ from moe_lab.train import manifest as manifest_lib
 from moe_lab.train.manifest import MANIFEST, verify
 from moe_lab.train.retention import stale_steps
 
+from ..conftest import TINY_MOE
 from .conftest import MLFLOW_RUN_ID, STEPS, train, train_args, same_rows
 
 
@@ -235,3 +236,24 @@ def test_latest_checkpoint_is_the_newest_whole_one(run_copy, tmp_path):
     (run_copy / "checkpoints" / "step_0000012" / MANIFEST).unlink()
     assert latest_checkpoint(run_copy).name == "step_0000010"
     assert latest_checkpoint(tmp_path / "nothing here") is None
+
+
+def test_weights_move_between_backends_whatever_extra_state_each_keeps(tmp_path):
+    """megatron's local linears keep a module `_extra_state` (None; Transformer Engine's keep their
+    FP8 scaling state there), the torch backend's grouped experts keep none: a checkpoint of the
+    torch backend initialises the local backend (it failed with "Missing key in checkpoint
+    state_dict: ...experts.linear_fc1._extra_state"), and both compute the same first loss."""
+    base = tmp_path / "base"
+    common = ["training.log_interval=1", "optimizer.warmup_steps=0", "tracking.enabled=false"]
+    result = run_cli(["train", TINY_MOE, "--run-dir", str(base), "model.backend=torch",
+                      "training.max_steps=2", *common])
+    assert result.returncode == 0, result.stderr[-2000:]
+    first_loss = {}
+    for backend in ("torch", "local"):
+        run = tmp_path / backend
+        result = run_cli(["train", TINY_MOE, "--run-dir", str(run), f"model.backend={backend}",
+                          f"checkpoint.init_from={base}", "training.max_steps=1", *common])
+        assert result.returncode == 0, result.stderr[-2000:]
+        first_loss[backend] = read_metrics(run / "metrics.jsonl")[0]["loss/lm"]
+    assert first_loss["local"] == pytest.approx(first_loss["torch"], rel=1e-4)
+    assert first_loss["local"] < read_metrics(base / "metrics.jsonl")[0]["loss/lm"]  # trained
