@@ -22,7 +22,7 @@ COMMON = ["training.precision=bf16", "training.log_interval=1", "optimizer.warmu
 
 
 @needs_gpus(1)
-def test_torch_backend_matches_local_backend_in_bf16(tmp_path):
+def test_fast_backends_match_the_local_backend_in_bf16(tmp_path):
     base = tmp_path / "base"
     result = run_cli(["train", TINY_MOE, "--run-dir", str(base), "training.max_steps=2", *COMMON])
     assert result.returncode == 0, result.stderr[-3000:]
