@@ -31,7 +31,8 @@
 #                optimizer's bf16 state): transformers pure bf16, torch and te-FP8 backends;
 #  dispA1 dispA4 shape A at mbs 1 and 4: the torch backend with megatron's alltoall dispatcher
 #                (the default) and with allgather, against transformers pure bf16;
-#  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and FP8;
+#  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and in FP8
+#                with each recipe of $FP8_RECIPES;
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
 #  paA4          (TE) A mbs 4: the precision-aware optimizer with moe-lab's default (a full fp32
 #                master copy, store_param_remainders=false) and with the remainders on;
@@ -65,7 +66,9 @@ te_matrix=${TE_MATRIX:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pa,mco
 matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
 bench() {  # stage name, timeout, bench arguments...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m moe_lab bench "$@" --out "$res/bench_$name.json" 2>&1 | quiet > "$res/$name.log"
+  # shellcheck disable=SC2086  # $BENCH_ARGS: extra bench options for every stage, e.g. --steps 24
+  timeout "$limit" python3 -m moe_lab bench "$@" ${BENCH_ARGS:-} --out "$res/bench_$name.json" \
+    2>&1 | quiet > "$res/$name.log"
 }
 
 for stage in $stages; do
@@ -159,7 +162,7 @@ EOF
         --mbs 2 --variants "$variants" --out "$res/bench_profB2.json" --profile "$res/prof_B2" \
         2>&1 | quiet > "$res/$stage.log" ;;
   teA4) bench teA4 420 "${A[@]}" --mbs 4 --variants "$te_matrix" ;;
-  teB8) bench teB8 420 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs 8 \
+  teB8) bench teB8 570 --preset qwen2-57b-a14b --layers 2 --seq 4096 --mbs 8 \
         --variants "$te_matrix" ;;
   paA12) bench paA12 420 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
         --variants "${MATRIX12:-hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}" ;;
@@ -167,14 +170,17 @@ EOF
         # (an identity at EP=1: ~200 host ops a layer on the CPU), allgather does not but syncs twice
         bench "$stage" 300 "${A[@]}" --mbs "${stage#dispA}" \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+moe.dispatcher=allgather" ;;
-  fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8 ($FP8_RECIPE), same data and weights
-    for prec in bf16 fp8; do
-      timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$prec" \
+  fp8_curve)  # 100 training steps of A (2 layers) with TE in bf16 and in FP8 with each recipe
+    # of $FP8_RECIPES (default blockwise); same data and weights
+    for run in bf16 ${FP8_RECIPES:-blockwise}; do
+      prec=fp8; recipe=$run
+      [ "$run" = bf16 ] && prec=bf16 recipe=blockwise
+      timeout 200 python3 -m moe_lab train qwen1.5-moe-a2.7b --run-dir "$res/fp8c_$run" \
         model.num_layers=2 model.backend=te training.precision=$prec \
-        training.fp8_recipe="${FP8_RECIPE:-blockwise}" \
+        training.fp8_recipe=$recipe \
         training.seq_length=4096 training.micro_batch_size=2 training.global_batch_size=4 \
-        training.max_steps=100 training.log_interval=10 checkpoint.enabled=false \
-        tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$prec.log"
+        training.max_steps=100 training.log_interval=1 checkpoint.enabled=false \
+        tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$run.log"
     done ;;
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;

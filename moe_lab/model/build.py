@@ -64,11 +64,20 @@ def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool
         # te backend always has it); unfused, RoPE is several elementwise passes over q and k.
         fields.update(apply_rope_fusion=True)
     if t.precision == "fp8":
-        fields.update(fp8="e4m3" if t.fp8_recipe in ("blockwise", "mxfp8") else "hybrid",
-                      fp8_recipe=t.fp8_recipe)
+        fields.update(fp8_fields(t.fp8_recipe))
     if moe.enabled:
         fields.update(_moe_fields(cfg))
     return TransformerConfig(**fields)
+
+
+def fp8_fields(recipe: str) -> dict:
+    """megatron's FP8 settings for `training.fp8_recipe`."""
+    fields = dict(fp8="e4m3" if recipe in ("blockwise", "mxfp8") else "hybrid", fp8_recipe=recipe)
+    if recipe == "delayed":
+        # Transformer Engine's own DelayedScaling default: the scale follows the largest amax of
+        # the last 1024 steps, where megatron's default follows the previous step's alone.
+        fields.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return fields
 
 
 def _moe_fields(cfg: ExperimentConfig) -> dict:

@@ -14,6 +14,7 @@ and {step, consumed_samples}. RNG states are in the manifest.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +63,19 @@ def _unwrap(model):
 # Model state that a weights-only source (checkpoint.init_from) may lack: the router's expert
 # bias is balancing state that starts at zero, not a learned weight, and a dense model upcycled
 # or a run trained without it has none.
-FRESH_IF_ABSENT = (".router.expert_bias",)
+FRESH_IF_ABSENT = r"\.router\.expert_bias$"
 # Module extra state that any checkpoint may lack: Transformer Engine's FP8 scaling state, None
 # in megatron's own linears, absent from modules that keep none (the torch backend's experts,
 # SDPA). A checkpoint written by another backend holds other such objects than the loading model
-# asks for; those it lacks start fresh, as in a new run.
-EXTRA_STATE = ("._extra_state",)
+# asks for; those it lacks start fresh, as in a new run. TE's grouped expert linear keeps one
+# per expert GEMM: `_extra_state`, `_extra_state1`, `_extra_state2`, ...
+EXTRA_STATE = r"\._extra_state\d*$"
 
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainState:
     """Load the model, and the optimizer, scheduler, step and RNG when given an optimizer."""
     model_state = _unwrap(model).sharded_state_dict()
-    optional = EXTRA_STATE + (FRESH_IF_ABSENT if optimizer is None else ())
+    optional = EXTRA_STATE if optimizer is not None else f"{EXTRA_STATE}|{FRESH_IF_ABSENT}"
     fresh = _fresh_if_absent(model_state, path, optional)
     model_state = {k: v for k, v in model_state.items() if k not in fresh}
     sharded = {"model": model_state}
@@ -93,10 +95,10 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> TrainS
     return TrainState(**loaded["train_state"])
 
 
-def _fresh_if_absent(model_state: dict, path: Path, suffixes: tuple[str, ...]) -> set[str]:
-    """State-dict keys ending in one of `suffixes` whose tensor or object the checkpoint at
-    `path` does not hold."""
-    candidates = {k for k in model_state if k.endswith(suffixes)}
+def _fresh_if_absent(model_state: dict, path: Path, pattern: str) -> set[str]:
+    """State-dict keys matching `pattern` whose tensor or object the checkpoint at `path` does
+    not hold."""
+    candidates = {k for k in model_state if re.search(pattern, k)}
     if not candidates:
         return set()
     stored = {item.key for item in load_sharded_metadata(str(path)).values()}

@@ -152,3 +152,18 @@ def test_fused_swiglu_computes_what_the_unfused_one_does(world):
         rel = (fused_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert rel < 5e-2, name
     assert any("fc1_weight" in n for n in grads)  # the experts' weights were compared
+
+
+
+@pytest.mark.parametrize("recipe, fp8_format", [
+    ("tensorwise", "hybrid"), ("delayed", "hybrid"), ("blockwise", "e4m3"), ("mxfp8", "e4m3")])
+def test_fp8_recipes_map_to_megatrons_settings(recipe, fp8_format):
+    """Each training.fp8_recipe picks megatron's FP8 format and recipe; delayed scaling follows the
+    largest amax of 1024 steps (Transformer Engine's default; megatron's is the last step's).
+    The config itself needs Transformer Engine: checked on the GPU (docs/performance.md)."""
+    from moe_lab.model.build import fp8_fields
+
+    fields = fp8_fields(recipe)
+    assert (fields["fp8"], fields["fp8_recipe"]) == (fp8_format, recipe)
+    history = (1024, "max") if recipe == "delayed" else (None, None)
+    assert (fields.get("fp8_amax_history_len"), fields.get("fp8_amax_compute_algo")) == history

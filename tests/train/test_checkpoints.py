@@ -257,3 +257,31 @@ def test_weights_move_between_backends_whatever_extra_state_each_keeps(tmp_path)
         first_loss[backend] = read_metrics(run / "metrics.jsonl")[0]["loss/lm"]
     assert first_loss["local"] == pytest.approx(first_loss["torch"], rel=1e-4)
     assert first_loss["local"] < read_metrics(base / "metrics.jsonl")[0]["loss/lm"]  # trained
+
+
+def test_every_expert_gemms_extra_state_of_te_grouped_linears_is_optional(world, tmp_path):
+    """Transformer Engine's grouped expert linear keeps one extra state per expert GEMM, under the
+    state-dict keys `_extra_state`, `_extra_state1`, ... (all one checkpoint key, sharded over the
+    expert axis). A checkpoint that lacks them starts them fresh, all of them (the te backend
+    failed to initialise from a local-backend checkpoint on the GPU when only `_extra_state` was
+    optional); extra state the checkpoint holds is loaded."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    from moe_lab.train.checkpoint import EXTRA_STATE, FRESH_IF_ABSENT, _fresh_if_absent
+
+    def extra_state(key, expert):  # as TE's grouped linear shards it: one object per expert
+        return ShardedObject(key, None, (2,), (expert,), replica_id=0)
+
+    weight = ShardedTensor.from_rank_offsets("fc1.weight", torch.ones(2, 2), replica_id=0)
+    saved = {"fc1.weight": weight, "fc2._extra_state": ShardedObject(
+        "fc2._extra_state", None, (1,), (0,), replica_id=0)}
+    dist_checkpointing.save(saved, str(tmp_path))
+    model_state = {**saved, "fc1._extra_state": extra_state("fc1._extra_state", 0),
+                   "fc1._extra_state1": extra_state("fc1._extra_state", 1),
+                   "mlp.router.expert_bias": ShardedTensor.from_rank_offsets(
+                       "mlp.router.expert_bias", torch.zeros(2), replica_id=0)}
+    assert _fresh_if_absent(model_state, tmp_path, EXTRA_STATE) == {
+        "fc1._extra_state", "fc1._extra_state1"}
+    assert _fresh_if_absent(model_state, tmp_path, f"{EXTRA_STATE}|{FRESH_IF_ABSENT}") == {
+        "fc1._extra_state", "fc1._extra_state1", "mlp.router.expert_bias"}
