@@ -34,6 +34,8 @@
 #  fp8_curve     (TE) 100 training steps of A (2 layers) with the te backend in bf16 and in FP8
 #                with each recipe of $FP8_RECIPES;
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
+#  kA1 kA12      (TE) A mbs 1 and A with 12 layers at mbs 2: the precision-aware optimizer's
+#                bf16 state ($pak, fp32 master copy) stepped by moe-lab's kernel;
 #  paA4          (TE) A mbs 4: the precision-aware optimizer with moe-lab's default (a full fp32
 #                master copy, store_param_remainders=false) and with the remainders on;
 #  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
@@ -62,6 +64,9 @@ variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
 # optimizer with bf16 moments and main gradients (the 2026-11-30 runs had the master weights'
 # remainders on, megatron's default: store_param_remainders=true), the TE backend in bf16 and FP8 (blockwise).
 pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16+optimizer.store_param_remainders=true
+# The same without the remainders (a full fp32 master copy in TE's state): what
+# train/master_adamw.py's kernel steps (PrecisionAwareAdamW); with the remainders TE's FusedAdam does.
+pak=${pa%+optimizer.store_param_remainders=true}
 te_matrix=${TE_MATRIX:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pa,mcore_te_bf16,mcore_te_fp8+training.fp8_recipe=blockwise,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}
 matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
 bench() {  # stage name, timeout, bench arguments...
@@ -182,6 +187,10 @@ EOF
         training.max_steps=100 training.log_interval=1 checkpoint.enabled=false \
         tracking.enabled=false 2>&1 | quiet > "$res/fp8c_$run.log"
     done ;;
+  kA1) bench kA1 300 "${A[@]}" --mbs 1 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pak" ;;
+  kA12) bench kA12 400 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16+$pak" ;;
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;
   fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \

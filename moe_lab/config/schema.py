@@ -189,9 +189,10 @@ class OptimizerConfig:
     # them back, so this needs checkpoint.enabled=false (benchmarks).
     store_param_remainders: bool = False
     # The update of the fp32 master weights (train/master_adamw.py): "triton" is one kernel for
-    # AdamW and the bf16 weight copy; "megatron" is megatron's step with megatron's choice of
-    # Adam (Transformer Engine's FusedAdam when TE is installed, else torch's fused AdamW), then
-    # its copy; "auto" takes "triton" where it applies (CUDA, no precision-aware optimizer).
+    # AdamW and the bf16 weight copy (with the precision-aware optimizer: on TE FusedAdam's
+    # state, in its dtypes); "megatron" is megatron's step with megatron's choice of Adam
+    # (Transformer Engine's FusedAdam when TE is installed, else torch's fused AdamW), then its
+    # copy; "auto" takes "triton" where it applies (CUDA, no store_param_remainders).
     update_impl: Literal["auto", "triton", "megatron"] = "auto"
 
     def __post_init__(self):
@@ -211,9 +212,9 @@ class OptimizerConfig:
         _require(self.precision_aware or not self.store_param_remainders,
                  "optimizer.store_param_remainders", "needs optimizer.precision_aware=true")
         _one_of("optimizer.update_impl", self.update_impl, ("auto", "triton", "megatron"))
-        _require(not (self.precision_aware and self.update_impl == "triton"),
-                 "optimizer.update_impl", "triton cannot step the precision-aware optimizer "
-                 "(Transformer Engine's FusedAdam does its own update)")
+        _require(not (self.store_param_remainders and self.update_impl == "triton"),
+                 "optimizer.update_impl", "triton cannot step optimizer.store_param_remainders "
+                 "(Transformer Engine's int16 master remainders)")
 
 
 @dataclass(frozen=True)

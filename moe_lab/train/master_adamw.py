@@ -16,8 +16,17 @@ corrections are host numbers and the update needs no synchronisation.
 
 It replaces megatron's `step_with_ready_grads` only where that is (inner step, copy, parameter
 all-gather): DistributedOptimizer and Float16OptimizerWithFloat16Params over a torch AdamW on CUDA
-fp32 master weights, without FSDP, FP8/FP4 parameter gathers or the precision-aware optimizer.
+fp32 master weights, without FSDP or FP8/FP4 parameter gathers.
 `optimizer.update_impl=megatron` keeps megatron's step; `auto` uses this kernel where it applies.
+
+The precision-aware optimizer (`PrecisionAwareAdamW`): megatron's DistributedOptimizer hands
+Transformer Engine's FusedAdam the bf16 weight shards, the main gradients as `decoupled_grad`
+(bf16 or fp32) and lets it keep the fp32 master weights and the moments (bf16 or fp32) in its
+state. For bf16 moments TE 2.20 copies each moment into a new fp32 tensor, steps those and
+copies them back (~28 bytes a parameter more, and host work per tensor). The same kernel reads
+and writes TE's state where it lives, in its dtypes (20 bytes a parameter with bf16 moments and
+gradients), and counts the step in TE's place (`group["step"]`), so TE's state dicts and
+checkpoints are unchanged. Not with `store_param_remainders` (TE's int16 master remainders).
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 # Elements per program and warps: the fastest of scripts/adamw_probe.py on an H200 (4.1 TB/s,
 # against 3.2 TB/s for 4096 elements with 8 warps; 2026-11-30, docs/performance.md).
 BLOCK, NUM_WARPS = 1024, 4
+# The dtypes the kernel reads gradients and moments in (and the precision-aware optimizer's
+# weights are kept in).
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def unsupported_reason(sub) -> str | None:
@@ -47,12 +59,15 @@ def unsupported_reason(sub) -> str | None:
     if type(sub) not in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
         return f"megatron's {type(sub).__name__} (fp32 training or another optimizer class)"
     inner = getattr(sub, "optimizer", None)
-    if type(inner) is not torch.optim.AdamW:
-        return f"inner optimizer {type(inner).__name__}, not torch's AdamW"
     cfg = sub.config
-    if (sub.grad_scaler is not None or cfg.use_precision_aware_optimizer
-            or cfg.reuse_grad_buf_for_mxfp8_param_ag):
-        return "a grad scaler, the precision-aware optimizer or MXFP8 buffer reuse"
+    if cfg.use_precision_aware_optimizer:
+        reason = _precision_aware_reason(sub, inner)
+        if reason:
+            return reason
+    elif type(inner) is not torch.optim.AdamW:
+        return f"inner optimizer {type(inner).__name__}, not torch's AdamW"
+    if sub.grad_scaler is not None or cfg.reuse_grad_buf_for_mxfp8_param_ag:
+        return "a grad scaler or MXFP8 buffer reuse"
     if getattr(cfg, "overlap_param_gather_with_optimizer_step", False):
         return "overlap_param_gather_with_optimizer_step"
     ddp = getattr(sub, "ddp_config", None)
@@ -63,8 +78,34 @@ def unsupported_reason(sub) -> str | None:
         if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
             return "amsgrad, maximize or differentiable AdamW"
         for p in group["params"]:
-            if p.dtype != torch.float32 or p.device.type != "cuda":
-                return f"a master weight of {p.dtype} on {p.device}, not fp32 on CUDA"
+            if cfg.use_precision_aware_optimizer:
+                if p.dtype not in _STATE_DTYPES or type(p) not in (torch.Tensor,
+                                                                   torch.nn.Parameter):
+                    return f"a {type(p).__name__} weight of {p.dtype}, not bf16 or fp32"
+            elif p.dtype != torch.float32:
+                return f"a master weight of {p.dtype}, not fp32"
+            if p.device.type != "cuda":
+                return f"a weight on {p.device}, not on CUDA"
+    return None
+
+
+def _precision_aware_reason(sub, inner) -> str | None:
+    """Why the kernel cannot step this precision-aware optimizer's TE FusedAdam; None if it can."""
+    if type(inner).__name__ != "FusedAdam" or not type(inner).__module__.startswith(
+            "transformer_engine"):
+        return f"precision-aware inner optimizer {type(inner).__name__}, not TE's FusedAdam"
+    if not sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        return "the precision-aware optimizer with FP8 master weights"
+    if not (inner.master_weights and inner.master_weight_dtype == torch.float32):
+        return "TE FusedAdam without fp32 master weights"
+    if inner.store_param_remainders:
+        return "optimizer.store_param_remainders (TE's int16 master remainders)"
+    if inner.capturable or not inner.adam_w_mode or not inner.use_decoupled_grad:
+        return "TE FusedAdam capturable, in Adam-with-L2 mode or without decoupled gradients"
+    if inner.exp_avg_dtype not in _STATE_DTYPES or inner.exp_avg_sq_dtype not in _STATE_DTYPES:
+        return "moments in fp16 or FP8 (only fp32 and bf16 are read here)"
+    if not all(g.get("bias_correction", True) for g in inner.param_groups):
+        return "Adam without bias correction"
     return None
 
 
@@ -99,14 +140,14 @@ class _Launch:
     """Device tables for one kernel launch over a list of tensors."""
 
     key: tuple
-    addresses: torch.Tensor  # int64 [4 or 5, tensors]: weight, grad, exp_avg, exp_avg_sq[, bf16]
-    # (all fp32 but the bf16 copy: megatron's main gradients are fp32 outside the
-    # precision-aware optimizer)
+    # int64 [4 or 5, tensors]: fp32 master weight, gradient, exp_avg, exp_avg_sq[, bf16 weight]
+    addresses: torch.Tensor
     numels: torch.Tensor  # int64 [tensors]
     block_tensor: torch.Tensor  # int32 [programs]: which tensor a program works on
     block_index: torch.Tensor  # int32 [programs]: which of its blocks
     aligned: bool  # every address 16-byte aligned: vector loads
     block: int
+    bf16: tuple[bool, bool, bool]  # gradient, exp_avg, exp_avg_sq in bf16 (else fp32)
 
 
 def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
@@ -121,17 +162,18 @@ def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
     block_index = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks.tolist()])
     addresses = torch.tensor([[t.data_ptr() for t in role] for role in tensors],
                              dtype=torch.int64)
+    bf16 = tuple(tensors[role][0].dtype == torch.bfloat16 for role in (1, 2, 3))
     return _Launch(key, addresses.to(device), torch.tensor(numels).to(device),
                    block_tensor.to(device), block_index.to(device),
-                   aligned=bool((addresses % 16 == 0).all()), block=block)
+                   aligned=bool((addresses % 16 == 0).all()), block=block, bf16=bf16)
 
 
 class MasterAdamW:
     """Steps one megatron (sub-)optimizer's inner torch AdamW with the kernel."""
 
-    def __init__(self, sub):
+    def __init__(self, sub, copies: dict[int, torch.Tensor | None] | None = None):
         self.sub, self.inner = sub, sub.optimizer
-        self.copies = model_copies(sub)
+        self.copies = model_copies(sub) if copies is None else copies
         self.launches: dict[tuple, _Launch] = {}
         self.stepped: list[torch.Tensor] = []  # the parameters the last step() counted
 
@@ -141,23 +183,40 @@ class MasterAdamW:
         nothing, read on the GPU (the caller then calls `unstep`)."""
         self.stepped = []
         for index, group in enumerate(self.inner.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if self._grad(p) is not None]
+            if not params:
+                continue
             self.stepped += params
-            by_step: dict[float, list[torch.Tensor]] = {}
-            for p in params:
-                by_step.setdefault(self._count_step(p), []).append(p)
-            for step, same_step in by_step.items():
-                with_copy = [p for p in same_step if self.copies.get(id(p)) is not None]
-                without = [p for p in same_step if self.copies.get(id(p)) is None]
-                for chunk in (with_copy, without):
-                    if chunk:
-                        self._launch(index, group, step, chunk, grad_scale, skip)
+            for step, same_step in self._count_steps(group, params).items():
+                chunks: dict[tuple, list[torch.Tensor]] = {}
+                for p in same_step:  # one launch per combination of dtypes and copy or not
+                    roles = self._roles(p)
+                    chunks.setdefault(tuple(t.dtype for t in roles), []).append(p)
+                for chunk in chunks.values():
+                    self._launch(index, group, step, chunk, grad_scale, skip)
 
     def unstep(self) -> None:
         """Take back the step counts of the last step() (it skipped on the GPU)."""
         for p in self.stepped:
             self.inner.state[p]["step"] -= 1
         self.stepped = []
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return p.grad
+
+    def _roles(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors the kernel reads and writes for p: master weight, gradient, exp_avg,
+        exp_avg_sq, and the bf16 weight it writes when there is one."""
+        state = self.inner.state[p]
+        copy = self.copies.get(id(p))
+        return [p, p.grad, state["exp_avg"], state["exp_avg_sq"]] + ([copy] if copy is not None
+                                                                     else [])
+
+    def _count_steps(self, group, params) -> dict[float, list[torch.Tensor]]:
+        by_step: dict[float, list[torch.Tensor]] = {}
+        for p in params:
+            by_step.setdefault(self._count_step(p), []).append(p)
+        return by_step
 
     def _count_step(self, p: torch.Tensor) -> float:
         """Adam's state for p (created as torch's AdamW would), its step counted on the CPU."""
@@ -172,12 +231,8 @@ class MasterAdamW:
         return float(state["step"])
 
     def _launch(self, index, group, step, params, grad_scale, skip) -> None:
-        states = [self.inner.state[p] for p in params]
-        roles = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                 [s["exp_avg_sq"] for s in states]]
-        copies = [self.copies.get(id(p)) for p in params]
-        if copies[0] is not None:
-            roles.append(copies)
+        per_param = [self._roles(p) for p in params]
+        roles = [list(role) for role in zip(*per_param)]
         # The tables stay valid while no tensor moves (a loaded checkpoint may replace them).
         key = tuple(t.data_ptr() for role in roles for t in role)
         slot = (index, id(params[0]), len(roles))
@@ -192,16 +247,53 @@ class MasterAdamW:
                step_size=lr / (1 - beta1 ** step), bc2_sqrt=math.sqrt(1 - beta2 ** step))
 
 
+class PrecisionAwareAdamW(MasterAdamW):
+    """Steps the precision-aware optimizer's TE FusedAdam with the kernel, on TE's own state:
+    `master_param` (fp32) for a bf16 weight, which the kernel then writes; an fp32 weight is its
+    own master. Gradients are megatron's `decoupled_grad`, the step count TE's `group["step"]`."""
+
+    def __init__(self, sub):
+        super().__init__(sub, copies={})  # the bf16 weight is the optimizer's own parameter
+        self.stepped_groups: list[dict] = []
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return getattr(p, "decoupled_grad", None)
+
+    def _roles(self, p: torch.Tensor) -> list[torch.Tensor]:
+        state = self.inner.state[p]
+        master = state["master_param"] if p.dtype == torch.bfloat16 else p
+        return [master, p.decoupled_grad, state["exp_avg"], state["exp_avg_sq"]] + (
+            [p] if p.dtype == torch.bfloat16 else [])
+
+    def _count_steps(self, group, params) -> dict[float, list[torch.Tensor]]:
+        for p in params:
+            if not self.inner.state[p]:  # as TE's step creates it (master from the weight)
+                self.inner.initialize_state(p, False)
+        group["step"] = group.get("step", 0) + 1  # TE counts per param group, on the host
+        self.stepped_groups.append(group)
+        return {float(group["step"]): params}
+
+    def step(self, grad_scale, skip=None) -> None:
+        self.stepped_groups = []
+        super().step(grad_scale, skip)
+
+    def unstep(self) -> None:
+        for group in self.stepped_groups:
+            group["step"] -= 1
+        self.stepped_groups, self.stepped = [], []
+
+
 def update(launch: _Launch, grad_scale, skip=None, *, lr, weight_decay, beta1, beta2, eps,
            step_size, bc2_sqrt, num_warps: int = NUM_WARPS) -> None:
     n_tensors = launch.addresses.shape[1]
     unread = launch.numels  # a placeholder pointer: without HAS_SCALE / HAS_SKIP it is not read
+    g_bf16, m_bf16, v_bf16 = launch.bf16
     _adamw_kernel[(launch.block_tensor.numel(),)](
         launch.block_tensor, launch.block_index, launch.addresses, launch.numels, n_tensors,
         grad_scale if grad_scale is not None else unread, skip if skip is not None else unread,
         lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
         HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None,
-        HAS_COPY=launch.addresses.shape[0] == 5,
+        HAS_COPY=launch.addresses.shape[0] == 5, G_BF16=g_bf16, M_BF16=m_bf16, V_BF16=v_bf16,
         ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps)
 
 
@@ -215,14 +307,22 @@ if triton is not None:
         return address.to(tl.pointer_type(dtype))
 
     @triton.jit
+    def _store(ptr, offsets, x, mask, BF16: tl.constexpr):
+        if BF16:
+            tl.store(ptr + offsets, x.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+        else:
+            tl.store(ptr + offsets, x, mask=mask)
+
+    @triton.jit
     def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
                      beta1, beta2, eps, step_size, bc2_sqrt, MASKED: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, M_BF16: tl.constexpr,
+                     V_BF16: tl.constexpr):
         mask = offsets < n if MASKED else None
         p = tl.load(p_ptr + offsets, mask=mask)
-        g = tl.load(g_ptr + offsets, mask=mask)
-        m = tl.load(m_ptr + offsets, mask=mask)
-        v = tl.load(v_ptr + offsets, mask=mask)
+        g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
         if HAS_SCALE:  # gradient clipping: torch's fused AdamW divides by grad_scale
             g = g / tl.load(grad_scale)
         # torch's fused AdamW, term for term (aten/src/ATen/native/cuda/fused_adam_utils.cuh)
@@ -231,15 +331,16 @@ if triton is not None:
         v = beta2 * v + (1 - beta2) * g * g
         p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(p_ptr + offsets, p, mask=mask)
-        tl.store(m_ptr + offsets, m, mask=mask)
-        tl.store(v_ptr + offsets, v, mask=mask)
+        _store(m_ptr, offsets, m, mask, M_BF16)
+        _store(v_ptr, offsets, v, mask, V_BF16)
         if HAS_COPY:
-            tl.store(out_ptr + offsets, p.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+            _store(out_ptr, offsets, p, mask, True)
 
     @triton.jit
     def _adamw_kernel(block_tensor, block_index, addresses, numels, n_tensors, grad_scale, skip,
                       lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
                       HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_COPY: tl.constexpr,
+                      G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
@@ -249,16 +350,25 @@ if triton is not None:
         if HAS_SKIP:  # a NaN/Inf loss or gradient norm: an empty tensor, every access masked
             n = tl.where(tl.load(skip) != 0, 0, n)
         p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
+        # gradients and moments in fp32, or in bf16 (the precision-aware optimizer)
         g_ptr = _address(addresses, 1, n_tensors, t, tl.float32, ALIGNED)
+        if G_BF16:
+            g_ptr = _address(addresses, 1, n_tensors, t, tl.bfloat16, ALIGNED)
         m_ptr = _address(addresses, 2, n_tensors, t, tl.float32, ALIGNED)
+        if M_BF16:
+            m_ptr = _address(addresses, 2, n_tensors, t, tl.bfloat16, ALIGNED)
         v_ptr = _address(addresses, 3, n_tensors, t, tl.float32, ALIGNED)
+        if V_BF16:
+            v_ptr = _address(addresses, 3, n_tensors, t, tl.bfloat16, ALIGNED)
         out_ptr = p_ptr  # unused without HAS_COPY
         if HAS_COPY:
             out_ptr = _address(addresses, 4, n_tensors, t, tl.bfloat16, ALIGNED)
         # Only a tensor's last block is masked: an unknown bound would stop vector loads.
         if start + BLOCK <= n:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
-                         beta1, beta2, eps, step_size, bc2_sqrt, False, HAS_SCALE, HAS_COPY)
+                         beta1, beta2, eps, step_size, bc2_sqrt, False, HAS_SCALE, HAS_COPY,
+                         M_BF16, V_BF16)
         else:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
-                         beta1, beta2, eps, step_size, bc2_sqrt, True, HAS_SCALE, HAS_COPY)
+                         beta1, beta2, eps, step_size, bc2_sqrt, True, HAS_SCALE, HAS_COPY,
+                         M_BF16, V_BF16)

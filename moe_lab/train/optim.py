@@ -13,9 +13,11 @@ in one multi-tensor reduction and the clipping folded into the fused AdamW kerne
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
 coefficient clip / (norm + 1e-6) when it is below 1. With Transformer Engine installed, megatron's
 choice of TE's FusedAdam is replaced by torch's AdamW (`_use_torch_adamw`); the precision-aware
-optimizer (TE only) and `optimizer.update_impl=megatron` keep megatron's own step.
+optimizer keeps TE's FusedAdam and its state, and `optimizer.update_impl=megatron` keeps
+megatron's own step.
 On CUDA the update itself is train/master_adamw.py's kernel (`optimizer.update_impl`), which
-writes the bf16 weights in the same pass instead of megatron's copy after torch's AdamW.
+writes the bf16 weights in the same pass instead of megatron's copy after torch's AdamW, and
+steps the precision-aware optimizer's state in its own dtypes.
 """
 
 from __future__ import annotations
@@ -154,21 +156,25 @@ def _use_fused_adamw(optimizer) -> None:
 
 
 def _use_master_kernel(optimizer, impl: str) -> None:
-    """train/master_adamw.py's kernel for every sub-optimizer, or for none of them."""
+    """train/master_adamw.py's kernel for every sub-optimizer, or for none of them. The
+    precision-aware optimizer's TE FusedAdam is on the fused path only through the kernel."""
     if impl == "megatron":
         return
     subs = _subs(optimizer)
+    precision_aware = [sub.config.use_precision_aware_optimizer for sub in subs]
     reasons = [master_adamw.unsupported_reason(sub) for sub in subs]
-    if not fused_step_ready(optimizer):
-        reasons.append("megatron's step is not on the fused path (TE/apex Adam or "
-                       "precision-aware optimizer)")
+    if not all(pa or getattr(sub.optimizer, "moe_lab_fused", False)
+               for sub, pa in zip(subs, precision_aware)):
+        reasons.append("megatron's step is not on the fused path (TE/apex Adam)")
     reasons = [r for r in reasons if r]
     if reasons:
         if impl == "triton":
             raise ValueError(f"optimizer.update_impl=triton: not possible here: {reasons[0]}")
         return
-    for sub in subs:
-        sub.moe_lab_master_adamw = master_adamw.MasterAdamW(sub)
+    for sub, pa in zip(subs, precision_aware):
+        kernel = master_adamw.PrecisionAwareAdamW if pa else master_adamw.MasterAdamW
+        sub.moe_lab_master_adamw = kernel(sub)
+        sub.optimizer.moe_lab_fused = True
 
 
 def _steps_on_param_device(inner, args, kwargs) -> None:
@@ -215,7 +221,8 @@ def _square_sum(grads, sub) -> torch.Tensor:
     device = grads[0].device if grads else params[0].device
     if not grads:
         return torch.zeros(1, dtype=torch.float32, device=device)
-    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    # fp32 norms of bf16 gradients (the precision-aware optimizer's) without fp32 copies
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     return torch.stack(norms).square().sum().reshape(1)
 
 

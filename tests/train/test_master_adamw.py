@@ -52,11 +52,29 @@ def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(ranks, dist
     assert got["steps"] == [2.0] and got["step_devices"] == ["cpu"]
 
 
+def test_kernel_steps_bf16_gradients_and_moments_like_torch_adamw_in_fp32():
+    """The precision-aware optimizer's layout (fp32 master weights, bf16 gradients and moments):
+    read in bf16, computed in fp32, stored back in bf16. The GPU test compares it with TE's
+    FusedAdam in training (tests/gpu/test_precision_aware.py)."""
+    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_adamw_dtypes"],
+                            cwd=REPO, env=child_env({"TRITON_INTERPRET": "1"}),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["bf16_roles"] == [True, True, True]
+    assert got["skipped"]  # the skip flag: nothing written
+    assert got["master_max_rel"] < 1e-6
+    assert got["moments_changed"]
+    # bf16 keeps 8 significant bits (the interpreter truncates where the GPU rounds)
+    assert got["exp_avg_rel"] < 2 ** -7 and got["exp_avg_sq_rel"] < 2 ** -7
+    assert got["copy_ulps"] <= 1
+
+
 def test_cpu_training_keeps_megatrons_update_and_triton_is_refused(world):
     cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16"])
     _, _, optimizer, _ = build_training(cfg, use_gpu=False)
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    assert "not fp32 on CUDA" in master_adamw.unsupported_reason(subs[0])
+    assert "not on CUDA" in master_adamw.unsupported_reason(subs[0])
     assert not any(hasattr(sub, "moe_lab_master_adamw") for sub in subs)  # auto: megatron's
     cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16",
                             "optimizer.update_impl=triton"])
@@ -67,6 +85,9 @@ def test_cpu_training_keeps_megatrons_update_and_triton_is_refused(world):
 def test_update_impl_is_checked_with_the_config():
     with pytest.raises(ValueError, match="optimizer.update_impl"):
         C.load(TINY_MOE, ["optimizer.update_impl=fast"])
-    with pytest.raises(ValueError, match="optimizer.update_impl"):
+    with pytest.raises(ValueError, match="optimizer.update_impl.*store_param_remainders"):
         C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
-                          "training.precision=bf16"])
+                          "optimizer.store_param_remainders=true", "training.precision=bf16"])
+    # the precision-aware optimizer's bf16 state is the kernel's too
+    C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
+                      "optimizer.exp_avg_dtype=bf16", "training.precision=bf16"])
