@@ -74,6 +74,14 @@ def _layer_spec(backend: str, num_experts: int | None, moe_mlp) -> ModuleSpec:
         sub = get_gpt_layer_with_transformer_engine_submodules(
             num_experts=num_experts, moe_grouped_gemm=True
         )
+        if is_moe:
+            # A MoE layer keeps its pre-MLP norm as a module of its own (nothing to fuse it
+            # into); checkpoints name it as the fused one, `mlp.linear_fc1.layer_norm_weight`,
+            # as megatron's local spec does for every layer, so that weights move between
+            # backends (te asked a local-backend checkpoint for `pre_mlp_layernorm.weight`).
+            keys = {**sub.sharded_state_dict_keys_map,
+                    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+            sub = dataclasses.replace(sub, sharded_state_dict_keys_map=keys)
     else:
         sub = get_gpt_layer_local_submodules(num_experts=None, normalization="RMSNorm")
         sub = dataclasses.replace(sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
