@@ -23,10 +23,10 @@ The precision-aware optimizer (`PrecisionAwareAdamW`): megatron's DistributedOpt
 Transformer Engine's FusedAdam the bf16 weight shards, the main gradients as `decoupled_grad`
 (bf16 or fp32) and lets it keep the fp32 master weights and the moments (bf16 or fp32) in its
 state. For bf16 moments TE 2.20 copies each moment into a new fp32 tensor, steps those and
-copies them back (~28 bytes a parameter more, and host work per tensor). The same kernel reads
-and writes TE's state where it lives, in its dtypes (20 bytes a parameter with bf16 moments and
-gradients), and counts the step in TE's place (`group["step"]`), so TE's state dicts and
-checkpoints are unchanged. Not with `store_param_remainders` (TE's int16 master remainders).
+copies them back (~40 bytes a parameter more for the two, and host work per tensor). The same
+kernel reads and writes TE's state where it lives, in its dtypes (20 bytes a parameter with bf16
+moments and gradients), and counts the step in TE's place (`group["step"]`), so TE's state dicts
+and checkpoints are unchanged. Not with `store_param_remainders` (TE's int16 master remainders).
 """
 
 from __future__ import annotations
