@@ -14,6 +14,10 @@ gradient of a step (the flag still False: megatron's `zero_grad_buffer` zeroed t
 reset the flag) is written instead of added, which skips reading the zeros back; later ones
 (micro-batches, recomputed regions) are added. The sums are the same fp32 values as
 megatron's add of the same gradients into zeros.
+
+bf16 main gradients (the precision-aware optimizer's `optimizer.main_grads_dtype=bf16`) are
+hooked too: the add is then one dtype, which torch vectorises itself, so only the first write
+changes (a copy: 4 bytes a parameter instead of the add's 6).
 """
 
 from __future__ import annotations
@@ -30,16 +34,17 @@ BLOCK, NUM_WARPS = 1024, 4
 
 
 def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
-    """Hook every trainable bf16 parameter on `device_type` that has an fp32 main_grad; returns
-    the hooks' handles (`remove()` undoes one). `device_type="cpu"` is for tests that run the
-    kernel in Triton's interpreter."""
+    """Hook every trainable bf16 parameter on `device_type` that has an fp32 or bf16 main_grad;
+    returns the hooks' handles (`remove()` undoes one). `device_type="cpu"` is for tests that
+    run the kernel in Triton's interpreter."""
     if triton is None or getattr(ddp_model.config, "gradient_accumulation_fusion", False):
         return []  # (with that fusion TE's GEMMs accumulate themselves and hand over dummies)
     handles = []
     for param in ddp_model.module.parameters():
         main = getattr(param, "main_grad", None)
         if (param.requires_grad and main is not None and param.device.type == device_type
-                and param.dtype == torch.bfloat16 and main.dtype == torch.float32):
+                and param.dtype == torch.bfloat16
+                and main.dtype in (torch.float32, torch.bfloat16)):
             handles.append(param.register_hook(_adder(param)))
     return handles
 
@@ -47,7 +52,12 @@ def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
 def _adder(param: torch.nn.Parameter):
     def add_to_main_grad(grad: torch.Tensor) -> None:
         main = param.main_grad  # read each time: megatron may rebind it
-        if grad.is_contiguous() and grad.shape == param.shape and main.is_contiguous():
+        if main.dtype == grad.dtype:  # bf16 main gradients: torch's own add, a copy first
+            if param.grad_added_to_main_grad:
+                main.add_(grad)
+            else:
+                main.copy_(grad)
+        elif grad.is_contiguous() and grad.shape == param.shape and main.is_contiguous():
             accumulate(main, grad, overwrite=not param.grad_added_to_main_grad)
         else:  # a layout the flat kernel does not cover
             main.add_(grad)
