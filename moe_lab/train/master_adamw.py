@@ -188,12 +188,12 @@ class MasterAdamW:
                 continue
             self.stepped += params
             for step, same_step in self._count_steps(group, params).items():
-                chunks: dict[tuple, list[torch.Tensor]] = {}
+                chunks: dict[tuple, list[list[torch.Tensor]]] = {}
                 for p in same_step:  # one launch per combination of dtypes and copy or not
                     roles = self._roles(p)
-                    chunks.setdefault(tuple(t.dtype for t in roles), []).append(p)
-                for chunk in chunks.values():
-                    self._launch(index, group, step, chunk, grad_scale, skip)
+                    chunks.setdefault(tuple(t.dtype for t in roles), []).append(roles)
+                for per_param in chunks.values():
+                    self._launch(index, group, step, per_param, grad_scale, skip)
 
     def unstep(self) -> None:
         """Take back the step counts of the last step() (it skipped on the GPU)."""
@@ -230,15 +230,15 @@ class MasterAdamW:
         state["step"] += 1
         return float(state["step"])
 
-    def _launch(self, index, group, step, params, grad_scale, skip) -> None:
-        per_param = [self._roles(p) for p in params]
+    def _launch(self, index, group, step, per_param, grad_scale, skip) -> None:
+        """One kernel launch over the tensors `_roles` gave for each parameter of a chunk."""
         roles = [list(role) for role in zip(*per_param)]
         # The tables stay valid while no tensor moves (a loaded checkpoint may replace them).
         key = tuple(t.data_ptr() for role in roles for t in role)
-        slot = (index, id(params[0]), len(roles))
+        slot = (index, id(roles[0][0]), len(roles))
         launch = self.launches.get(slot)
         if launch is None or launch.key != key:
-            launch = _build_launch(key, roles, params[0].device)
+            launch = _build_launch(key, roles, roles[0][0].device)
             self.launches[slot] = launch
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
