@@ -18,6 +18,13 @@ megatron's add of the same gradients into zeros.
 bf16 main gradients (the precision-aware optimizer's `optimizer.main_grads_dtype=bf16`) are
 hooked too: the add is then one dtype, which torch vectorises itself, so only the first write
 changes (a copy: 4 bytes a parameter instead of the add's 6).
+
+Since every hooked parameter's first gradient of a step is written, not added, the zeros that
+megatron's `zero_grad_buffer` writes there first are never read: `zero_grad_buffer(ddp_model)`
+below resets megatron's per-step state and zeroes only what the hooks do not write (parameters
+without a hook, DDP's extra main gradients); a hooked parameter that got no gradient in a step
+is zeroed after the backward pass, before DDP reduces the buffers. That saves a write of the
+whole buffer (2 or 4 bytes a parameter) each step.
 """
 
 from __future__ import annotations
@@ -39,14 +46,60 @@ def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
     run the kernel in Triton's interpreter."""
     if triton is None or getattr(ddp_model.config, "gradient_accumulation_fusion", False):
         return []  # (with that fusion TE's GEMMs accumulate themselves and hand over dummies)
-    handles = []
+    handles, written_first = [], []
     for param in ddp_model.module.parameters():
         main = getattr(param, "main_grad", None)
         if (param.requires_grad and main is not None and param.device.type == device_type
                 and param.dtype == torch.bfloat16
                 and main.dtype in (torch.float32, torch.bfloat16)):
             handles.append(param.register_hook(_adder(param)))
+            written_first.append(param)
+    ddp_model.moe_lab_written_first = written_first
     return handles
+
+
+def zero_unwritten_before_reduce(ddp_model) -> None:
+    """Lets `zero_grad_buffer` skip the hooked parameters' zeros: wraps the model config's
+    `finalize_model_grads_func` (megatron's schedules call it once after the last micro-batch's
+    backward, before DDP reduces the gradient buffers) so that a hooked parameter that got no
+    gradient this step has zeros there, not the last step's gradient. Call it after the
+    optimizer set that function (train/optim.py `build_optimizer`)."""
+    config = ddp_model.config
+    finalize = config.finalize_model_grads_func
+    if finalize is None or not getattr(ddp_model, "moe_lab_written_first", None):
+        return
+
+    def zero_unwritten_then_finalize(*args, **kwargs):
+        unwritten = [p.main_grad for p in ddp_model.moe_lab_written_first
+                     if not p.grad_added_to_main_grad]
+        if unwritten:
+            torch._foreach_zero_(unwritten)
+        return finalize(*args, **kwargs)
+
+    config.finalize_model_grads_func = zero_unwritten_then_finalize
+    ddp_model.moe_lab_zeroes_unwritten = True
+
+
+def zero_grad_buffer(ddp_model) -> None:
+    """megatron DDP's `zero_grad_buffer` without writing the zeros the hooks overwrite: the
+    same per-step resets (`grad_added_to_main_grad`, the bucket groups' state), zeros only for
+    the main gradients no hook writes first. megatron's own where the hooks or the zeroing of
+    unwritten parameters are not in place, or under TE's CUDA graphs (which keep the flags)."""
+    written_first = getattr(ddp_model, "moe_lab_written_first", None)
+    if (not written_first or not getattr(ddp_model, "moe_lab_zeroes_unwritten", False)
+            or getattr(ddp_model.config, "cuda_graph_impl", "none") == "transformer_engine"):
+        ddp_model.zero_grad_buffer()
+        return
+    for param in ddp_model.params_with_grad:
+        param.grad_added_to_main_grad = False
+    for bucket_group in ddp_model.bucket_groups + ddp_model.expert_parallel_bucket_groups:
+        bucket_group.reset()
+    hooked = {id(p) for p in written_first}
+    zeros = [p.main_grad for p in ddp_model.params_with_grad if id(p) not in hooked]
+    for buffer in ddp_model.buffers + ddp_model.expert_parallel_buffers:
+        zeros += buffer.extra_main_grads
+    if zeros:
+        torch._foreach_zero_(zeros)
 
 
 def _adder(param: torch.nn.Parameter):

@@ -20,7 +20,8 @@ from moe_lab.model import build_model, build_transformer_config
 from moe_lab.train.checkpoint import Checkpointer, TrainState, load_checkpoint
 from moe_lab.train.evaluate import log_validation, validation_due
 from moe_lab.train.faults import Fault, FaultInjector
-from moe_lab.train.grad_accumulation import fuse_main_grad_accumulation
+from moe_lab.train.grad_accumulation import (fuse_main_grad_accumulation,
+                                              zero_unwritten_before_reduce)
 from moe_lab.train.guard import NonFiniteError
 from moe_lab.train.optim import build_optimizer, build_scheduler, wrap_ddp
 from moe_lab.train.resume import broadcast_resume, weights_source
@@ -114,7 +115,8 @@ def _may_look_ahead(cfg: ExperimentConfig, done: int, last: int) -> bool:
 
 def build_training(cfg: ExperimentConfig, use_gpu: bool):
     """Seeded build chain: TransformerConfig -> GPTModel -> DDP (+ the fused main-gradient
-    accumulation) -> optimizer -> LR schedule."""
+    accumulation) -> optimizer (+ the unwritten main gradients zeroed before DDP's reduction,
+    so that the step's zeroing can skip the rest) -> LR schedule."""
     torch.manual_seed(cfg.training.seed)
     if use_gpu:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -127,6 +129,7 @@ def build_training(cfg: ExperimentConfig, use_gpu: bool):
     model = wrap_ddp(cfg, config, model)
     fuse_main_grad_accumulation(model)  # CUDA parameters only
     optimizer = build_optimizer(cfg, config, model)
+    zero_unwritten_before_reduce(model)
     return config, model, optimizer, build_scheduler(cfg, optimizer)
 
 

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from moe_lab.model.lm_loss import fused_lm_loss
 from moe_lab.routers.telemetry import BalanceLosses, MoETelemetry
 from moe_lab.train import optim
+from moe_lab.train.grad_accumulation import zero_grad_buffer
 from moe_lab.train.guard import act_on_nonfinite, check_before_update, first_nonfinite
 from moe_lab.train.readout import Readout
 
@@ -101,7 +102,7 @@ class Trainer:
         t = self.cfg.training
         # phase:* ranges name the step's parts in a profile (moe-lab bench --profile).
         with record_function("phase:zero_grad"):
-            self.model.zero_grad_buffer()
+            zero_grad_buffer(self.model)  # megatron's, minus the zeros the hooks overwrite
             self.optimizer.zero_grad()
         with record_function("phase:forward_backward"):
             return self.forward_backward(

@@ -67,3 +67,62 @@ def test_bf16_main_gradients_are_written_first_then_added_like_megatrons_add(wor
     assert hooked > 0 and {b.dtype for b in ours} == {torch.bfloat16}
     assert all(bool(b.abs().sum() > 0) for b in ours)
     assert all(torch.equal(a, b) for a, b in zip(megatrons, ours))
+
+
+def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
+    """train/grad_accumulation.py `zero_grad_buffer` with `zero_unwritten_before_reduce`: the
+    hooked parameters' main gradients are not zeroed before a step (their first gradient is
+    written, not added), a hooked parameter that gets no gradient is zeroed before DDP's
+    reduction, and two steps of two micro-batches leave the same buffers as megatron's
+    zero_grad_buffer."""
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from moe_lab import config as C
+    from moe_lab.data import SyntheticTokens
+    from moe_lab.model import build_model, build_transformer_config
+    from moe_lab.train.grad_accumulation import (fuse_main_grad_accumulation, zero_grad_buffer,
+                                                 zero_unwritten_before_reduce)
+    from moe_lab.train.optim import wrap_ddp
+    from moe_lab.train.step import forward_step_func
+
+    cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16",
+                            "optimizer.precision_aware=true", "optimizer.main_grads_dtype=bf16"])
+    data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
+
+    def two_steps(skip_zeros: bool):
+        torch.manual_seed(0)
+        config = build_transformer_config(cfg, use_cpu_initialization=True)
+        gpt = build_model(cfg, config)
+        gpt.unused = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))  # no gradient
+        model = wrap_ddp(cfg, config, gpt)
+        fuse_main_grad_accumulation(model, device_type="cpu")
+        config.finalize_model_grads_func, config.no_sync_func = finalize_model_grads, model.no_sync
+        if skip_zeros:
+            zero_unwritten_before_reduce(model)
+        hooked = model.moe_lab_written_first
+        assert any(p is gpt.unused for p in hooked)
+        probe = next(p for p in hooked if p.numel() > 1000)
+        kept_before_backward = []
+        for step in (0, 1):
+            for p in (probe, gpt.unused):  # what a previous step could have left there
+                p.main_grad.fill_(7.0)
+            zero_grad_buffer(model)
+            kept_before_backward.append(bool((probe.main_grad == 7.0).all()))
+            get_forward_backward_func()(
+                forward_step_func=forward_step_func(cfg),
+                data_iterator=iter([data.batch([4 * step + i, 4 * step + i + 1])
+                                    for i in (0, 2)]),
+                model=[model], num_microbatches=2, seq_length=cfg.training.seq_length,
+                micro_batch_size=2, forward_only=False)
+        buffers = [b.grad_data.clone() for b in model.buffers + model.expert_parallel_buffers]
+        return buffers, kept_before_backward, gpt.unused.main_grad.clone()
+
+    megatrons, zeroed, unused_megatron = two_steps(skip_zeros=False)
+    ours, kept, unused_ours = two_steps(skip_zeros=True)
+    assert zeroed == [False, False] and kept == [True, True]
+    assert torch.equal(unused_megatron, torch.zeros(8)) and torch.equal(unused_ours,
+                                                                         torch.zeros(8))
+    assert all(bool(b.abs().sum() > 0) for b in ours)
+    assert all(torch.equal(a, b) for a, b in zip(megatrons, ours))
