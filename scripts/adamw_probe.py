@@ -3,7 +3,12 @@ tensors timed as torch's fused AdamW + a copy into bf16 (megatron's step), as th
 several block sizes and warp counts, and as the same arithmetic on one flat buffer with plain
 pointer arguments (what Triton reaches without address tables). Prints JSON.
 
-Run on a GPU: python scripts/adamw_probe.py [--out probe.json]
+With `--state bf16`: the precision-aware optimizer's layout instead (fp32 master weights, bf16
+gradients and moments, the bf16 weight written: 20 bytes a parameter) at several block sizes and
+warp counts, a bf16 copy of the gradients (what the memory system gives a plain copy), and the
+gradients' sum of squares by torch's `_foreach_norm` and by train/grad_norm.py's kernel.
+
+Run on a GPU: python scripts/adamw_probe.py [--state fp32|bf16] [--out probe.json]
 """
 
 import argparse
@@ -32,7 +37,10 @@ def _flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, lr_decay, b
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
+    parser.add_argument("--state", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
+    if args.state == "bf16":
+        return probe_bf16_state(args)
     params = sum(NUMELS)
     scale = torch.tensor([2.0], device="cuda")
     step = 3
@@ -83,6 +91,52 @@ def main():
     result = {"params": params, "aligned": aligned, "ms": rows,
               "GBps": {k: (34 if k.startswith("torch") else 30) * params / v / 1e6
                        for k, v in rows.items()}}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def probe_bf16_state(args) -> None:
+    from moe_lab.train.grad_norm import SquareSum
+
+    params = sum(NUMELS)
+    scale = torch.tensor([2.0], device="cuda")
+    scalars = dict(step_size=HYPER["lr"] / (1 - HYPER["beta1"] ** 3),
+                   bc2_sqrt=math.sqrt(1 - HYPER["beta2"] ** 3))
+    masters = [torch.randn(n, device="cuda") for n in NUMELS]
+    grads, exp_avgs, exp_avg_sqs, weights = (
+        [torch.randn(n, device="cuda").to(torch.bfloat16) for n in NUMELS] for _ in range(4))
+    for v in exp_avg_sqs:
+        v.abs_()
+    rows, bytes_per = {}, {}
+    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4),
+                         (4096, 8), (8192, 8), (8192, 16)):
+        launch = M._build_launch(None, [masters, grads, exp_avgs, exp_avg_sqs, weights], "cuda",
+                                 block=block)
+        name = f"adamw_block{block}_warps{warps}"
+        rows[name] = cuda_event_ms(lambda: M.update(launch, scale, **HYPER, **scalars,
+                                                    num_warps=warps))
+        bytes_per[name] = 20
+    copies = [torch.empty_like(g) for g in grads]
+    rows["bf16_copy"] = cuda_event_ms(lambda: torch._foreach_copy_(copies, grads))
+    bytes_per["bf16_copy"] = 4
+    del copies
+    rows["foreach_norm_fp32"] = cuda_event_ms(
+        lambda: torch._foreach_norm(grads, 2, dtype=torch.float32))
+    bytes_per["foreach_norm_fp32"] = 2
+    sums = {}
+    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8),
+                         (16384, 16), (32768, 16)):
+        square_sum = SquareSum(block=block, num_warps=warps)
+        name = f"norm_block{block}_warps{warps}"
+        rows[name] = cuda_event_ms(lambda: square_sum(grads))
+        bytes_per[name] = 2
+        sums[name] = float(square_sum(grads))
+    want = float(sum(g.double().square().sum() for g in grads))
+    result = {"params": params, "ms": rows,
+              "GBps": {k: bytes_per[k] * params / v / 1e6 for k, v in rows.items()},
+              "norm_rel_err": {k: abs(v - want) / want for k, v in sums.items()}}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -16,6 +16,8 @@
 #                megatron's update: training curves, the kernel alone against torch's + copy);
 #  adamwprobe    scripts/adamw_probe.py: that kernel's block sizes and warps, against torch's
 #                fused AdamW + copy and against the same arithmetic on one flat buffer;
+#                PROBE_STATE=bf16: the precision-aware layout's update (20 bytes a parameter)
+#                by block size, a bf16 copy, and the gradient norm (torch's, train/grad_norm.py's);
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
@@ -239,7 +241,8 @@ EOF
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_master_adamw.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
-  adamwprobe) timeout 200 python3 scripts/adamw_probe.py --out "$res/adamw_probe.json" \
+  adamwprobe) timeout 200 python3 scripts/adamw_probe.py --state "${PROBE_STATE:-fp32}" \
+        --out "$res/adamw_probe_${PROBE_STATE:-fp32}.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   lmloss)
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_lm_loss.py \

@@ -150,6 +150,15 @@ class _Launch:
     bf16: tuple[bool, bool, bool]  # gradient, exp_avg, exp_avg_sq in bf16 (else fp32)
 
 
+def block_table(numels: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor, block within it) for each program when every tensor is cut into `block`s:
+    lets one launch cover a list of tensors of any sizes."""
+    blocks = torch.tensor([math.ceil(n / block) for n in numels])
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+    block_index = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks.tolist()])
+    return block_tensor, block_index
+
+
 def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
                   block: int = BLOCK) -> _Launch:
     for role in tensors:
@@ -157,9 +166,7 @@ def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
             if not t.is_contiguous():
                 raise ValueError(f"master_adamw: a non-contiguous tensor of shape {tuple(t.shape)}")
     numels = [t.numel() for t in tensors[0]]
-    blocks = torch.tensor([math.ceil(n / block) for n in numels])
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
-    block_index = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks.tolist()])
+    block_tensor, block_index = block_table(numels, block)
     addresses = torch.tensor([[t.data_ptr() for t in role] for role in tensors],
                              dtype=torch.int64)
     bf16 = tuple(tensors[role][0].dtype == torch.bfloat16 for role in (1, 2, 3))

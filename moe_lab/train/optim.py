@@ -8,8 +8,8 @@ fp32 master weights) that was ~85 ms of GPU time and ~300 synchronisations per s
 the forward and backward passes together. `build_optimizer` therefore switches the inner AdamW
 to torch's single-kernel fused form, and `prepare_and_norm` + `fused_update` take the step
 through megatron's public pieces (prepare_grads, step_with_ready_grads) with the gradient norm
-in one multi-tensor reduction and the clipping folded into the fused AdamW kernel (its
-`grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
+in one reduction (train/grad_norm.py's kernel on CUDA) and the clipping folded into the fused
+AdamW kernel (its `grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
 coefficient clip / (norm + 1e-6) when it is below 1. With Transformer Engine installed, megatron's
 choice of TE's FusedAdam is replaced by torch's AdamW (`_use_torch_adamw`); the precision-aware
@@ -33,6 +33,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from moe_lab.config import ExperimentConfig
 from moe_lab.train import master_adamw
+from moe_lab.train.grad_norm import SquareSum
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -221,6 +222,10 @@ def _square_sum(grads, sub) -> torch.Tensor:
     device = grads[0].device if grads else params[0].device
     if not grads:
         return torch.zeros(1, dtype=torch.float32, device=device)
+    if SquareSum.applies(grads):  # one Triton launch over every gradient (CUDA)
+        if not hasattr(sub, "moe_lab_square_sum"):
+            sub.moe_lab_square_sum = SquareSum()
+        return sub.moe_lab_square_sum(grads)
     # fp32 norms of bf16 gradients (the precision-aware optimizer's) without fp32 copies
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     return torch.stack(norms).square().sum().reshape(1)
