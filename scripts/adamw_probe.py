@@ -121,7 +121,7 @@ def probe_bf16_state(args) -> None:
     copies = [torch.empty_like(g) for g in grads]
     rows["bf16_copy"] = cuda_event_ms(lambda: torch._foreach_copy_(copies, grads))
     bytes_per["bf16_copy"] = 4
-    del copies
+    copies.clear()  # free before the norm rows
     rows["foreach_norm_fp32"] = cuda_event_ms(
         lambda: torch._foreach_norm(grads, 2, dtype=torch.float32))
     bytes_per["foreach_norm_fp32"] = 2
