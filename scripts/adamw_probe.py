@@ -110,8 +110,8 @@ def probe_bf16_state(args) -> None:
     for v in exp_avg_sqs:
         v.abs_()
     rows, bytes_per = {}, {}
-    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4),
-                         (4096, 8), (8192, 8), (8192, 16)):
+    for block, warps in ((128, 1), (256, 1), (256, 2), (256, 4), (512, 1), (512, 2), (512, 4),
+                         (512, 8), (1024, 2), (1024, 4), (1024, 8), (2048, 8)):
         launch = M._build_launch(None, [masters, grads, exp_avgs, exp_avg_sqs, weights], "cuda",
                                  block=block)
         name = f"adamw_block{block}_warps{warps}"
@@ -126,8 +126,8 @@ def probe_bf16_state(args) -> None:
         lambda: torch._foreach_norm(grads, 2, dtype=torch.float32))
     bytes_per["foreach_norm_fp32"] = 2
     sums = {}
-    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8),
-                         (16384, 16), (32768, 16)):
+    for block, warps in ((1024, 2), (2048, 2), (2048, 4), (4096, 2), (4096, 4), (8192, 4),
+                         (8192, 8)):
         square_sum = SquareSum(block=block, num_warps=warps)
         name = f"norm_block{block}_warps{warps}"
         rows[name] = cuda_event_ms(lambda: square_sum(grads))

@@ -22,8 +22,9 @@ try:  # Triton comes with torch's CUDA wheels; absent, torch's multi-tensor norm
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-# Elements per program and warps (scripts/adamw_probe.py's norm rows).
-BLOCK, NUM_WARPS = 8192, 8
+# Elements per program and warps: the fastest of scripts/adamw_probe.py's norm rows on an H200
+# (bf16 gradients: 3.1 TB/s, against 2.3 TB/s for torch's `_foreach_norm`).
+BLOCK, NUM_WARPS = 2048, 2
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
