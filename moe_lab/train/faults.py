@@ -16,6 +16,8 @@ import signal
 from collections import Counter
 from dataclasses import dataclass
 
+from moe_lab.train.grad_accumulation import main_grads_changed
+
 POINTS = ("step_begin", "step_end", "grads", "save_begin", "save_written", "save_manifest",
           "save_renamed", "save_latest")
 ACTIONS = ("kill", "nan")
@@ -73,6 +75,7 @@ class FaultInjector:
                 param = next(p for p in model_chunks[0].parameters() if p.requires_grad)
                 grad = getattr(param, "main_grad", param.grad)
                 grad.view(-1)[0] = float("nan")
+                main_grads_changed(model_chunks[0])  # the hooks' squares do not see it
             return result
 
         model_config.finalize_model_grads_func = finalize_then_poison

@@ -25,11 +25,18 @@ below resets megatron's per-step state and zeroes only what the hooks do not wri
 without a hook, DDP's extra main gradients); a hooked parameter that got no gradient in a step
 is zeroed after the backward pass, before DDP reduces the buffers. That saves a write of the
 whole buffer (2 or 4 bytes a parameter) each step.
+
+On one rank the first write also leaves each block's sum of squares (`HookSquares`): with one
+micro-batch nothing changes the main gradients after the hooks, and train/optim.py takes the
+gradient norm from those sums instead of reading every gradient again (2 bytes a parameter
+with bf16 main gradients, 4 with fp32). bf16 main gradients are then written by the same
+kernel instead of torch's copy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 try:  # Triton comes with torch's CUDA wheels; absent, megatron's own add stays
     import triton
@@ -40,22 +47,62 @@ except ImportError:  # pragma: no cover - depends on the installation
 BLOCK, NUM_WARPS = 1024, 4
 
 
-def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda") -> list:
+def fuse_main_grad_accumulation(ddp_model, device_type: str = "cuda",
+                                keep_squares: bool | None = None) -> list:
     """Hook every trainable bf16 parameter on `device_type` that has an fp32 or bf16 main_grad;
     returns the hooks' handles (`remove()` undoes one). `device_type="cpu"` is for tests that
-    run the kernel in Triton's interpreter."""
+    run the kernel in Triton's interpreter. On one rank the hooks also keep the squares of
+    what they write (`HookSquares`; `keep_squares`, by default on CUDA only)."""
     if triton is None or getattr(ddp_model.config, "gradient_accumulation_fusion", False):
         return []  # (with that fusion TE's GEMMs accumulate themselves and hand over dummies)
-    handles, written_first = [], []
-    for param in ddp_model.module.parameters():
-        main = getattr(param, "main_grad", None)
-        if (param.requires_grad and main is not None and param.device.type == device_type
-                and param.dtype == torch.bfloat16
-                and main.dtype in (torch.float32, torch.bfloat16)):
-            handles.append(param.register_hook(_adder(param)))
-            written_first.append(param)
+    written_first = [
+        param for param in ddp_model.module.parameters()
+        if (param.requires_grad and getattr(param, "main_grad", None) is not None
+            and param.device.type == device_type and param.dtype == torch.bfloat16
+            and param.main_grad.dtype in (torch.float32, torch.bfloat16))]
+    squares = None
+    if keep_squares is None:
+        keep_squares = device_type == "cuda"
+    if written_first and keep_squares and (not dist.is_initialized()
+                                           or dist.get_world_size() == 1):
+        squares = HookSquares(written_first)
     ddp_model.moe_lab_written_first = written_first
-    return handles
+    ddp_model.moe_lab_hook_squares = squares
+    return [param.register_hook(_adder(param, squares)) for param in written_first]
+
+
+class HookSquares:
+    """The sums of squares of what the hooks wrote, per block of BLOCK elements, one slice per
+    hooked parameter. With one rank and one micro-batch each hooked parameter's main gradient is
+    its one gradient of the step, written by the hook and not changed afterwards (no reduction
+    over ranks), so the gradient norm can be summed from these few numbers (~1.4 million for
+    2.9 billion parameters) instead of reading every gradient again."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        counts = [triton.cdiv(p.numel(), BLOCK) for p in params]
+        self.partials = torch.zeros(sum(counts), dtype=torch.float32, device=params[0].device)
+        self.slices, start = {}, 0
+        for param, count in zip(params, counts):
+            self.slices[id(param)] = self.partials[start:start + count]
+            start += count
+        self.params = params
+        # True from the step's zero_grad_buffer while every hook wrote once through the kernel;
+        # anything else that changes a main gradient sets it False (a second micro-batch's add,
+        # another layout, a test fault).
+        self.complete = False
+        self._covers: dict[tuple, bool] = {}
+
+    def square_sum(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """sum(g * g) over `grads` when they are exactly the hooked main gradients of a complete
+        step (as a one-element fp32 tensor); None otherwise."""
+        if not self.complete:
+            return None
+        key = tuple((g.data_ptr(), g.numel()) for g in grads)
+        covers = self._covers.get(key)
+        if covers is None:
+            hooked = {(p.main_grad.data_ptr(), p.main_grad.numel()) for p in self.params}
+            covers = self._covers[key] = len(key) == len(hooked) and set(key) == hooked
+        return self.partials.sum().reshape(1) if covers else None
 
 
 def zero_unwritten_before_reduce(ddp_model) -> None:
@@ -70,10 +117,13 @@ def zero_unwritten_before_reduce(ddp_model) -> None:
         return
 
     def zero_unwritten_then_finalize(*args, **kwargs):
-        unwritten = [p.main_grad for p in ddp_model.moe_lab_written_first
-                     if not p.grad_added_to_main_grad]
-        if unwritten:
-            torch._foreach_zero_(unwritten)
+        unwritten = [p for p in ddp_model.moe_lab_written_first if not p.grad_added_to_main_grad]
+        squares = ddp_model.moe_lab_hook_squares
+        zeros = [p.main_grad for p in unwritten]
+        if squares is not None:
+            zeros += [squares.slices[id(p)] for p in unwritten]
+        if zeros:
+            torch._foreach_zero_(zeros)
         return finalize(*args, **kwargs)
 
     config.finalize_model_grads_func = zero_unwritten_then_finalize
@@ -88,6 +138,7 @@ def zero_grad_buffer(ddp_model) -> None:
     written_first = getattr(ddp_model, "moe_lab_written_first", None)
     if (not written_first or not getattr(ddp_model, "moe_lab_zeroes_unwritten", False)
             or getattr(ddp_model.config, "cuda_graph_impl", "none") == "transformer_engine"):
+        main_grads_changed(ddp_model)
         ddp_model.zero_grad_buffer()
         return
     for param in ddp_model.params_with_grad:
@@ -100,40 +151,62 @@ def zero_grad_buffer(ddp_model) -> None:
         zeros += buffer.extra_main_grads
     if zeros:
         torch._foreach_zero_(zeros)
+    if ddp_model.moe_lab_hook_squares is not None:
+        ddp_model.moe_lab_hook_squares.complete = True
 
 
-def _adder(param: torch.nn.Parameter):
+def main_grads_changed(ddp_model) -> None:
+    """Something other than the hooks wrote main gradients this step: their squares are stale."""
+    squares = getattr(ddp_model, "moe_lab_hook_squares", None)
+    if squares is not None:
+        squares.complete = False
+
+
+def _adder(param: torch.nn.Parameter, squares: HookSquares | None):
     def add_to_main_grad(grad: torch.Tensor) -> None:
         main = param.main_grad  # read each time: megatron may rebind it
-        if main.dtype == grad.dtype:  # bf16 main gradients: torch's own add, a copy first
-            if param.grad_added_to_main_grad:
+        first = not param.grad_added_to_main_grad
+        flat = grad.is_contiguous() and grad.shape == param.shape and main.is_contiguous()
+        if first and flat and squares is not None:
+            accumulate(main, grad, overwrite=True, squares=squares.slices[id(param)])
+        else:
+            if squares is not None:
+                squares.complete = False
+            if main.dtype == grad.dtype:  # bf16 main gradients: torch's own add, a copy first
+                if first:
+                    main.copy_(grad)
+                else:
+                    main.add_(grad)
+            elif flat:
+                accumulate(main, grad, overwrite=first)
+            else:  # a layout the flat kernel does not cover
                 main.add_(grad)
-            else:
-                main.copy_(grad)
-        elif grad.is_contiguous() and grad.shape == param.shape and main.is_contiguous():
-            accumulate(main, grad, overwrite=not param.grad_added_to_main_grad)
-        else:  # a layout the flat kernel does not cover
-            main.add_(grad)
         param.grad_added_to_main_grad = True
 
     return add_to_main_grad
 
 
-def accumulate(main: torch.Tensor, grad: torch.Tensor, overwrite: bool = False) -> None:
-    """main (fp32) += grad (bf16), both contiguous with the same number of elements;
-    `overwrite`: main = grad (main holds zeros: the same values without reading it)."""
+def accumulate(main: torch.Tensor, grad: torch.Tensor, overwrite: bool = False,
+               squares: torch.Tensor | None = None) -> None:
+    """main (fp32 or bf16) += grad (bf16), both contiguous with the same number of elements;
+    `overwrite`: main = grad (main holds zeros: the same values without reading it);
+    `squares` (fp32, one per BLOCK elements): each block's sum of grad * grad, written."""
     n = grad.numel()
-    _accumulate_kernel[(triton.cdiv(n, BLOCK),)](main, grad, n, OVERWRITE=overwrite,
-                                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _accumulate_kernel[(triton.cdiv(n, BLOCK),)](
+        main, grad, squares if squares is not None else main, n, OVERWRITE=overwrite,
+        SQUARES=squares is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 if triton is not None:
 
     @triton.jit
-    def _accumulate_kernel(main_ptr, grad_ptr, n, OVERWRITE: tl.constexpr, BLOCK: tl.constexpr):
+    def _accumulate_kernel(main_ptr, grad_ptr, squares_ptr, n, OVERWRITE: tl.constexpr,
+                           SQUARES: tl.constexpr, BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        if SQUARES:
+            tl.store(squares_ptr + tl.program_id(0), tl.sum(grad * grad))
         if not OVERWRITE:
-            grad += tl.load(main_ptr + offsets, mask=mask)
-        tl.store(main_ptr + offsets, grad, mask=mask)
+            grad += tl.load(main_ptr + offsets, mask=mask).to(tl.float32)
+        tl.store(main_ptr + offsets, grad.to(main_ptr.dtype.element_ty), mask=mask)

@@ -193,10 +193,12 @@ def fused_step_ready(optimizer) -> bool:
 
 
 @torch.no_grad()
-def prepare_and_norm(optimizer) -> torch.Tensor | None:
+def prepare_and_norm(optimizer, hook_squares=None) -> torch.Tensor | None:
     """Gradients into the main params (megatron's prepare_grads) and their global L2 norm as a
     one-element tensor on the gradients' device, without host synchronisation. None when the
-    optimizer is not on the fused path: then megatron's step() does all of it."""
+    optimizer is not on the fused path: then megatron's step() does all of it.
+    `hook_squares` (train/grad_accumulation.py `HookSquares`): the sums of squares the gradient
+    hooks left, used when they cover exactly this step's gradients."""
     if not fused_step_ready(optimizer):
         return None
     optimizer.prepare_grads()
@@ -205,8 +207,11 @@ def prepare_and_norm(optimizer) -> torch.Tensor | None:
     shared = all(g == groups[0] for g in groups)
     squares = []
     if shared:
-        squares.append((_square_sum([g for sub in subs for g in sub.get_grads_for_grad_norm()],
-                                    subs[0]), groups[0]))
+        grads = [g for sub in subs for g in sub.get_grads_for_grad_norm()]
+        square = hook_squares.square_sum(grads) if hook_squares is not None else None
+        if square is None:
+            square = _square_sum(grads, subs[0])
+        squares.append((square, groups[0]))
     else:
         squares += [(_square_sum(sub.get_grads_for_grad_norm(), sub), group)
                     for sub, group in zip(subs, groups)]

@@ -121,7 +121,8 @@ class Trainer:
         when the loss or the norm is not finite. Returns (norm or None, numbers, readout)."""
         with record_function("phase:guard"):
             # the global gradient norm, once (fused path; None: megatron's step computes it)
-            norm = optim.prepare_and_norm(self.optimizer)
+            norm = optim.prepare_and_norm(self.optimizer,
+                                          getattr(self.model, "moe_lab_hook_squares", None))
             numbers = self._queue_numbers(outputs, num_microbatches, norm)
             readout = Readout(numbers)
         if norm is not None:

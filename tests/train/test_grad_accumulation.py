@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from moe_lab.testing.distributed import child_env
 
 from ..conftest import REPO, TINY_MOE
@@ -126,3 +128,24 @@ def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
                                                                          torch.zeros(8))
     assert all(bool(b.abs().sum() > 0) for b in ours)
     assert all(torch.equal(a, b) for a, b in zip(megatrons, ours))
+
+
+def test_one_rank_one_micro_batch_norm_comes_from_the_hooks_squares():
+    """train/grad_accumulation.py `HookSquares`: with one micro-batch the gradient norm is summed
+    from the squares the hooks left and equals the norm read from megatron's own accumulation;
+    with two micro-batches (a second gradient is added) the step falls back to reading the
+    gradients, with the same result."""
+    env = child_env({"TRITON_INTERPRET": "1"})
+    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_hook_squares",
+                             TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["interpreted"]
+    (ref1, ours1), (ref2, ours2) = got["one"], got["two"]
+    assert ours1["complete"] and ours1["covers"] == [True]  # the squares were used
+    assert not ours2["complete"] and ours2["covers"] == []  # never offered: the add broke them
+    for ref, ours in ((ref1, ours1), (ref2, ours2)):
+        assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+        assert all(n > 0 for n in ours["grad_norm"])
