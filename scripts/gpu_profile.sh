@@ -18,6 +18,7 @@
 #                fused AdamW + copy and against the same arithmetic on one flat buffer;
 #                PROBE_STATE=bf16: the precision-aware layout's update (20 bytes a parameter)
 #                by block size, a bf16 copy, and the gradient norm (torch's, train/grad_norm.py's);
+#  lmheadprobe   scripts/lm_head_probe.py: the fused LM loss at shape A's token counts by chunk size;
 #  ce_curve      60 training steps of A (2 layers) with the fused LM loss and with megatron's;
 #  trainA1       40 steps of `moe-lab train` at A mbs 1 (torch backend): the loop's own tokens/s;
 #  syncs         scripts/host_syncs.py: the synchronising calls of one torch-backend step;
@@ -241,6 +242,8 @@ EOF
     MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 240 python3 -m pytest tests/gpu/test_master_adamw.py \
       -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
+  lmheadprobe) timeout 200 python3 scripts/lm_head_probe.py --out "$res/lm_head_probe.json" \
+        2>&1 | quiet > "$res/$stage.log" ;;
   adamwprobe) timeout 200 python3 scripts/adamw_probe.py --state "${PROBE_STATE:-fp32}" \
         --out "$res/adamw_probe_${PROBE_STATE:-fp32}.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
