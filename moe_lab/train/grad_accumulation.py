@@ -75,7 +75,7 @@ class HookSquares:
     """The sums of squares of what the hooks wrote, per block of BLOCK elements, one slice per
     hooked parameter. With one rank and one micro-batch each hooked parameter's main gradient is
     its one gradient of the step, written by the hook and not changed afterwards (no reduction
-    over ranks), so the gradient norm can be summed from these few numbers (~1.4 million for
+    over ranks), so the gradient norm can be summed from these few numbers (~2.8 million for
     2.9 billion parameters) instead of reading every gradient again."""
 
     def __init__(self, params: list[torch.nn.Parameter]):
