@@ -8,8 +8,9 @@ fp32 master weights) that was ~85 ms of GPU time and ~300 synchronisations per s
 the forward and backward passes together. `build_optimizer` therefore switches the inner AdamW
 to torch's single-kernel fused form, and `prepare_and_norm` + `fused_update` take the step
 through megatron's public pieces (prepare_grads, step_with_ready_grads) with the gradient norm
-in one reduction (train/grad_norm.py's kernel on CUDA) and the clipping folded into the fused
-AdamW kernel (its `grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
+in one reduction (train/grad_norm.py's kernel on CUDA, or the sums of squares the gradient hooks
+left: train/grad_accumulation.py) and the clipping folded into the fused AdamW kernel (its
+`grad_scale` divisor). The math is megatron's: same master weights, same norm over the same
 gradients (get_grads_for_grad_norm, reduced over get_grad_stats_parallel_group), same clip
 coefficient clip / (norm + 1e-6) when it is below 1. With Transformer Engine installed, megatron's
 choice of TE's FusedAdam is replaced by torch's AdamW (`_use_torch_adamw`); the precision-aware
