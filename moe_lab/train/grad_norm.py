@@ -5,7 +5,8 @@ gradients of Qwen1.5-MoE-A2.7B with 4 layers (2.9 billion) in 2.36 ms a step on 
 TB/s (docs/performance.md). This kernel reads every gradient through a table of addresses, as
 train/master_adamw.py's update does, in blocks large enough for full-bandwidth loads; each block
 writes its fp32 partial sum and torch sums those (~1.4 million for 2.9 billion gradients), so
-the result does not depend on scheduling. The same numbers as megatron's norm up to fp32 summation order.
+the result does not depend on scheduling. The same numbers as megatron's norm up to fp32
+summation order.
 """
 
 from __future__ import annotations
