@@ -16,13 +16,17 @@ from moe_lab.testing.distributed import child_env
 from ..conftest import REPO, TINY_MOE
 
 
-def test_hooks_accumulate_bit_for_bit_like_megatrons_add():
-    env = child_env({"TRITON_INTERPRET": "1"})
-    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_grad_accumulation",
-                             TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+def _interpreted(module: str) -> dict:
+    """Runs `module` on tiny_moe under Triton's interpreter; the JSON of its last line."""
+    result = subprocess.run([sys.executable, "-m", module, TINY_MOE], cwd=REPO,
+                            env=child_env({"TRITON_INTERPRET": "1"}), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_hooks_accumulate_bit_for_bit_like_megatrons_add():
+    got = _interpreted("tests.train.interpreted_grad_accumulation")
     assert got["interpreted"]
     assert got["hooked"] == got["params"] > 0  # every bf16 parameter with a main_grad
     # megatron's hook saw the flag and only dropped the bf16 gradient
@@ -135,12 +139,7 @@ def test_one_rank_one_micro_batch_norm_comes_from_the_hooks_squares():
     from the squares the hooks left and equals the norm read from megatron's own accumulation;
     with two micro-batches (a second gradient is added) the step falls back to reading the
     gradients, with the same result."""
-    env = child_env({"TRITON_INTERPRET": "1"})
-    result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_hook_squares",
-                             TINY_MOE], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    got = _interpreted("tests.train.interpreted_hook_squares")
     assert got["interpreted"]
     (ref1, ours1), (ref2, ours2) = got["one"], got["two"]
     assert ours1["complete"] and ours1["covers"] == [True]  # the squares were used
