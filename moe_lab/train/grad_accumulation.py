@@ -134,10 +134,12 @@ def zero_grad_buffer(ddp_model) -> None:
     """megatron DDP's `zero_grad_buffer` without writing the zeros the hooks overwrite: the
     same per-step resets (`grad_added_to_main_grad`, the bucket groups' state), zeros only for
     the main gradients no hook writes first. megatron's own where the hooks or the zeroing of
-    unwritten parameters are not in place, or under TE's CUDA graphs (which keep the flags)."""
+    unwritten parameters are not in place, under TE's CUDA graphs (which keep the flags), or
+    where MXFP8 parameter gathers reuse the gradient buffer (it then holds weights)."""
     written_first = getattr(ddp_model, "moe_lab_written_first", None)
     if (not written_first or not getattr(ddp_model, "moe_lab_zeroes_unwritten", False)
-            or getattr(ddp_model.config, "cuda_graph_impl", "none") == "transformer_engine"):
+            or getattr(ddp_model.config, "cuda_graph_impl", "none") == "transformer_engine"
+            or getattr(ddp_model.ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", False)):
         main_grads_changed(ddp_model)
         ddp_model.zero_grad_buffer()
         return
