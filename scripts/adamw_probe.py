@@ -5,8 +5,10 @@ pointer arguments (what Triton reaches without address tables). Prints JSON.
 
 With `--state bf16`: the precision-aware optimizer's layout instead (fp32 master weights, bf16
 gradients and moments, the bf16 weight written: 20 bytes a parameter) at several block sizes and
-warp counts, a bf16 copy of the gradients (what the memory system gives a plain copy), and the
-gradients' sum of squares by torch's `_foreach_norm` and by train/grad_norm.py's kernel.
+warp counts, the same with the master weight as the bf16 weight + int16 remainders (megatron's
+default store_param_remainders: 18 bytes), a bf16 copy of the gradients (what the memory system
+gives a plain copy), and the gradients' sum of squares by torch's `_foreach_norm` and by
+train/grad_norm.py's kernel.
 
 Run on a GPU: python scripts/adamw_probe.py [--state fp32|bf16] [--out probe.json]
 """
@@ -31,7 +33,7 @@ def _flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, lr_decay, b
                  step_size, bc2_sqrt, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     M._adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay, beta1,
-                   beta2, eps, step_size, bc2_sqrt, True, True, True)
+                   beta2, eps, step_size, bc2_sqrt, True, True, True, False)
 
 
 def main():
@@ -118,6 +120,17 @@ def probe_bf16_state(args) -> None:
         rows[name] = cuda_event_ms(lambda: M.update(launch, scale, **HYPER, **scalars,
                                                     num_warps=warps))
         bytes_per[name] = 20
+    # megatron's default store_param_remainders: the master as the weight + int16 remainders
+    remainders = [torch.randint(-2**15, 2**15, (n,), device="cuda", dtype=torch.int16)
+                  for n in NUMELS]
+    for block, warps in ((128, 1), (256, 1), (256, 2), (512, 1), (512, 2), (1024, 4)):
+        launch = M._build_launch(None, [remainders, grads, exp_avgs, exp_avg_sqs, weights],
+                                 "cuda", block=block)
+        name = f"remainders_block{block}_warps{warps}"
+        rows[name] = cuda_event_ms(lambda: M.update(launch, scale, **HYPER, **scalars,
+                                                    num_warps=warps))
+        bytes_per[name] = 18
+    del remainders
     copies = [torch.empty_like(g) for g in grads]
     rows["bf16_copy"] = cuda_event_ms(lambda: torch._foreach_copy_(copies, grads))
     bytes_per["bf16_copy"] = 4

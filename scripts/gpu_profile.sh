@@ -39,6 +39,8 @@
 #  pa            (TE) pytest tests/gpu/test_precision_aware.py;
 #  kA1 kA12      (TE) A mbs 1 and A with 12 layers at mbs 2: the precision-aware optimizer's
 #                bf16 state ($pak, fp32 master copy) stepped by moe-lab's kernel;
+#  rA1 rA12      (TE) the same points, transformers pure bf16 against $pak and against $pa (the
+#                master weights as bf16 weights + int16 remainders, also stepped by the kernel);
 #  paA4          (TE) A mbs 4: the precision-aware optimizer with moe-lab's default (a full fp32
 #                master copy, store_param_remainders=false) and with the remainders on;
 #  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
@@ -67,8 +69,8 @@ variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
 # optimizer with bf16 moments and main gradients (the 2026-11-30 runs had the master weights'
 # remainders on, megatron's default: store_param_remainders=true), the TE backend in bf16 and FP8 (blockwise).
 pa=optimizer.precision_aware=true+optimizer.exp_avg_dtype=bf16+optimizer.exp_avg_sq_dtype=bf16+optimizer.main_grads_dtype=bf16+optimizer.store_param_remainders=true
-# The same without the remainders (a full fp32 master copy in TE's state): what
-# train/master_adamw.py's kernel steps (PrecisionAwareAdamW); with the remainders TE's FusedAdam does.
+# The same without the remainders (a full fp32 master copy in TE's state). train/master_adamw.py's
+# kernel steps both (PrecisionAwareAdamW; the remainders since the eleventh session).
 pak=${pa%+optimizer.store_param_remainders=true}
 te_matrix=${TE_MATRIX:-hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pa,mcore_te_bf16,mcore_te_fp8+training.fp8_recipe=blockwise,mcore_te_fp8+training.fp8_recipe=blockwise+$pa}
 matrix=${MATRIX:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16,mcore_torch_bf16+training.cross_entropy=megatron}
@@ -194,12 +196,16 @@ EOF
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+$pak" ;;
   kA12) bench kA12 400 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pak" ;;
+  rA1) bench rA1 300 "${A[@]}" --mbs 1 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16+$pak,mcore_torch_bf16+$pa" ;;
+  rA12) bench rA12 400 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
+        --variants "hf_grouped_bf16,mcore_torch_bf16+$pak,mcore_torch_bf16+$pa" ;;
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;
   fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   pa)
-    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 300 python3 -m pytest \
+    MOE_LAB_GPU_REPORT="$res/gpu_reports" timeout 550 python3 -m pytest \
       tests/gpu/test_precision_aware.py -q -s -p no:cacheprovider 2>&1 | quiet > "$res/$stage.log"
     ;;
   gcA4)  # Python's garbage collector during back-to-back steps of A mbs 4 (on, then off)

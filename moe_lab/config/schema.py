@@ -185,14 +185,14 @@ class OptimizerConfig:
     exp_avg_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's first moment
     exp_avg_sq_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam's second moment
     # Keep the fp32 master weights as the bf16 weight plus its 16 low bits (2 bytes a parameter
-    # less). megatron-core 0.19.2 saves those bits into fp32 checkpoint tensors and cannot load
-    # them back, so this needs checkpoint.enabled=false (benchmarks).
+    # less; megatron-core's default). Checkpoints hold the fp32 master weights either way
+    # (train/master_remainders.py).
     store_param_remainders: bool = False
     # The update of the fp32 master weights (train/master_adamw.py): "triton" is one kernel for
     # AdamW and the bf16 weight copy (with the precision-aware optimizer: on TE FusedAdam's
     # state, in its dtypes); "megatron" is megatron's step with megatron's choice of Adam
     # (Transformer Engine's FusedAdam when TE is installed, else torch's fused AdamW), then its
-    # copy; "auto" takes "triton" where it applies (CUDA, no store_param_remainders).
+    # copy; "auto" takes "triton" where it applies (CUDA).
     update_impl: Literal["auto", "triton", "megatron"] = "auto"
 
     def __post_init__(self):
@@ -212,9 +212,6 @@ class OptimizerConfig:
         _require(self.precision_aware or not self.store_param_remainders,
                  "optimizer.store_param_remainders", "needs optimizer.precision_aware=true")
         _one_of("optimizer.update_impl", self.update_impl, ("auto", "triton", "megatron"))
-        _require(not (self.store_param_remainders and self.update_impl == "triton"),
-                 "optimizer.update_impl", "triton cannot step optimizer.store_param_remainders "
-                 "(Transformer Engine's int16 master remainders)")
 
 
 @dataclass(frozen=True)
@@ -399,9 +396,6 @@ class ExperimentConfig:
         _require(self.training.cross_entropy != "fused_linear" or p.tp == 1,
                  "training.cross_entropy", f"fused_linear needs parallel.tp=1 (the output layer "
                  f"is split over the vocabulary with tp={p.tp}); use auto or megatron")
-        _require(not (self.optimizer.store_param_remainders and self.checkpoint.enabled),
-                 "optimizer.store_param_remainders", "needs checkpoint.enabled=false: "
-                 "megatron-core 0.19.2 cannot load the remainders back from a checkpoint")
         _require(not self.optimizer.precision_aware or self.training.precision != "fp32",
                  "optimizer.precision_aware", "needs bf16 model weights (training.precision "
                  "bf16 or fp8)")

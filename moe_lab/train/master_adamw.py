@@ -26,7 +26,9 @@ state. For bf16 moments TE 2.20 copies each moment into a new fp32 tensor, steps
 copies them back (~40 bytes a parameter more for the two, and host work per tensor). The same
 kernel reads and writes TE's state where it lives, in its dtypes (20 bytes a parameter with bf16
 moments and gradients), and counts the step in TE's place (`group["step"]`), so TE's state dicts
-and checkpoints are unchanged. Not with `store_param_remainders` (TE's int16 master remainders).
+and checkpoints are unchanged. With `store_param_remainders` (megatron's default) the master
+weight is the bf16 weight plus TE's int16 remainder (train/master_remainders.py): the kernel
+joins the two, updates, and splits the result again (18 bytes a parameter).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from moe_lab.train import master_remainders
 
 try:  # Triton comes with torch's CUDA wheels; absent, the update stays megatron's
     import triton
@@ -101,8 +105,6 @@ def _precision_aware_reason(sub, inner) -> str | None:
         return "the precision-aware optimizer with FP8 master weights"
     if not (inner.master_weights and inner.master_weight_dtype == torch.float32):
         return "TE FusedAdam without fp32 master weights"
-    if inner.store_param_remainders:
-        return "optimizer.store_param_remainders (TE's int16 master remainders)"
     if inner.capturable or not inner.adam_w_mode or not inner.use_decoupled_grad:
         return "TE FusedAdam capturable, in Adam-with-L2 mode or without decoupled gradients"
     if inner.exp_avg_dtype not in _STATE_DTYPES or inner.exp_avg_sq_dtype not in _STATE_DTYPES:
@@ -143,7 +145,8 @@ class _Launch:
     """Device tables for one kernel launch over a list of tensors."""
 
     key: tuple
-    # int64 [4 or 5, tensors]: fp32 master weight, gradient, exp_avg, exp_avg_sq[, bf16 weight]
+    # int64 [4 or 5, tensors]: fp32 master weight (or int16 remainder), gradient, exp_avg,
+    # exp_avg_sq[, bf16 weight]
     addresses: torch.Tensor
     numels: torch.Tensor  # int64 [tensors]
     block_tensor: torch.Tensor  # int32 [programs]: which tensor a program works on
@@ -152,6 +155,7 @@ class _Launch:
     block: int
     bf16: tuple[bool, bool, bool]  # gradient, exp_avg, exp_avg_sq in bf16 (else fp32)
     num_warps: int = NUM_WARPS
+    remainders: bool = False  # the master weight is the bf16 weight + an int16 remainder
 
 
 def block_table(numels: list[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +185,8 @@ def _build_launch(key: tuple, tensors: list[list[torch.Tensor]], device,
     return _Launch(key, addresses.to(device), torch.tensor(numels).to(device),
                    block_tensor.to(device), block_index.to(device),
                    aligned=bool((addresses % 16 == 0).all()), block=block, bf16=bf16,
-                   num_warps=num_warps or NUM_WARPS)
+                   num_warps=num_warps or NUM_WARPS,
+                   remainders=tensors[0][0].dtype == torch.int16)
 
 
 class MasterAdamW:
@@ -265,8 +270,9 @@ class MasterAdamW:
 
 class PrecisionAwareAdamW(MasterAdamW):
     """Steps the precision-aware optimizer's TE FusedAdam with the kernel, on TE's own state:
-    `master_param` (fp32) for a bf16 weight, which the kernel then writes; an fp32 weight is its
-    own master. Gradients are megatron's `decoupled_grad`, the step count TE's `group["step"]`."""
+    `master_param` (fp32, or the int16 remainders) for a bf16 weight, which the kernel then
+    writes; an fp32 weight is its own master. Gradients are megatron's `decoupled_grad`, the step
+    count TE's `group["step"]`."""
 
     def __init__(self, sub):
         super().__init__(sub, copies={})  # the bf16 weight is the optimizer's own parameter
@@ -284,7 +290,7 @@ class PrecisionAwareAdamW(MasterAdamW):
     def _count_steps(self, group, params) -> dict[float, list[torch.Tensor]]:
         for p in params:
             if not self.inner.state[p]:  # as TE's step creates it (master from the weight)
-                self.inner.initialize_state(p, False)
+                self.inner.initialize_state(p, master_remainders.keeps_remainders(self.inner, p))
         group["step"] = group.get("step", 0) + 1  # TE counts per param group, on the host
         self.stepped_groups.append(group)
         return {float(group["step"]): params}
@@ -304,13 +310,16 @@ def update(launch: _Launch, grad_scale, skip=None, *, lr, weight_decay, beta1, b
     n_tensors = launch.addresses.shape[1]
     unread = launch.numels  # a placeholder pointer: without HAS_SCALE / HAS_SKIP it is not read
     g_bf16, m_bf16, v_bf16 = launch.bf16
+    if launch.remainders and launch.addresses.shape[0] != 5:
+        raise ValueError("master_adamw: remainders without the bf16 weights they complete")
     _adamw_kernel[(launch.block_tensor.numel(),)](
         launch.block_tensor, launch.block_index, launch.addresses, launch.numels, n_tensors,
         grad_scale if grad_scale is not None else unread, skip if skip is not None else unread,
         lr * weight_decay, beta1, beta2, eps, step_size, bc2_sqrt,
         HAS_SCALE=grad_scale is not None, HAS_SKIP=skip is not None,
         HAS_COPY=launch.addresses.shape[0] == 5, G_BF16=g_bf16, M_BF16=m_bf16, V_BF16=v_bf16,
-        ALIGNED=launch.aligned, BLOCK=launch.block, num_warps=num_warps or launch.num_warps)
+        REMAINDERS=launch.remainders, ALIGNED=launch.aligned, BLOCK=launch.block,
+        num_warps=num_warps or launch.num_warps)
 
 
 if triton is not None:
@@ -330,12 +339,33 @@ if triton is not None:
             tl.store(ptr + offsets, x, mask=mask)
 
     @triton.jit
+    def _join(remainder, weight):
+        """fp32 master weights of int16 remainders and bf16 weights (as int16 bits), as
+        train/master_remainders.py's `join`."""
+        remainder = remainder.to(tl.int32)
+        high = weight.to(tl.int32) - (remainder < 0).to(tl.int32)
+        return ((high << 16) | (remainder & 0xFFFF)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _store_split(rem_ptr, weight_ptr, offsets, p, mask):
+        """Stores fp32 master weights as int16 remainders and bf16 weights (int16 bits), as
+        train/master_remainders.py's `split`."""
+        bits = p.to(tl.int32, bitcast=True)
+        low = bits & 0xFFFF
+        up = (low >= 0x8000).to(tl.int32)
+        tl.store(rem_ptr + offsets, (low - (up << 16)).to(tl.int16), mask=mask)
+        tl.store(weight_ptr + offsets, ((bits >> 16) + up).to(tl.int16), mask=mask)
+
+    @triton.jit
     def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
                      beta1, beta2, eps, step_size, bc2_sqrt, MASKED: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, M_BF16: tl.constexpr,
-                     V_BF16: tl.constexpr):
+                     V_BF16: tl.constexpr, REMAINDERS: tl.constexpr):
         mask = offsets < n if MASKED else None
-        p = tl.load(p_ptr + offsets, mask=mask)
+        if REMAINDERS:  # p_ptr: int16 remainders; out_ptr: the bf16 weights' bits
+            p = _join(tl.load(p_ptr + offsets, mask=mask), tl.load(out_ptr + offsets, mask=mask))
+        else:
+            p = tl.load(p_ptr + offsets, mask=mask)
         g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
@@ -346,10 +376,13 @@ if triton is not None:
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        tl.store(p_ptr + offsets, p, mask=mask)
+        if REMAINDERS:
+            _store_split(p_ptr, out_ptr, offsets, p, mask)
+        else:
+            tl.store(p_ptr + offsets, p, mask=mask)
         _store(m_ptr, offsets, m, mask, M_BF16)
         _store(v_ptr, offsets, v, mask, V_BF16)
-        if HAS_COPY:
+        if HAS_COPY and not REMAINDERS:
             _store(out_ptr, offsets, p, mask, True)
 
     @triton.jit
@@ -357,7 +390,7 @@ if triton is not None:
                       lr_decay, beta1, beta2, eps, step_size, bc2_sqrt,
                       HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_COPY: tl.constexpr,
                       G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                      REMAINDERS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         start = tl.load(block_index + pid).to(tl.int64) * BLOCK
@@ -366,6 +399,8 @@ if triton is not None:
         if HAS_SKIP:  # a NaN/Inf loss or gradient norm: an empty tensor, every access masked
             n = tl.where(tl.load(skip) != 0, 0, n)
         p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
+        if REMAINDERS:
+            p_ptr = _address(addresses, 0, n_tensors, t, tl.int16, ALIGNED)
         # gradients and moments in fp32, or in bf16 (the precision-aware optimizer)
         g_ptr = _address(addresses, 1, n_tensors, t, tl.float32, ALIGNED)
         if G_BF16:
@@ -379,12 +414,14 @@ if triton is not None:
         out_ptr = p_ptr  # unused without HAS_COPY
         if HAS_COPY:
             out_ptr = _address(addresses, 4, n_tensors, t, tl.bfloat16, ALIGNED)
+        if REMAINDERS:  # read and written as bits
+            out_ptr = _address(addresses, 4, n_tensors, t, tl.int16, ALIGNED)
         # Only a tensor's last block is masked: an unknown bound would stop vector loads.
         if start + BLOCK <= n:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
                          beta1, beta2, eps, step_size, bc2_sqrt, False, HAS_SCALE, HAS_COPY,
-                         M_BF16, V_BF16)
+                         M_BF16, V_BF16, REMAINDERS)
         else:
             _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, offsets, n, grad_scale, lr_decay,
                          beta1, beta2, eps, step_size, bc2_sqrt, True, HAS_SCALE, HAS_COPY,
-                         M_BF16, V_BF16)
+                         M_BF16, V_BF16, REMAINDERS)

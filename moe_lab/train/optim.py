@@ -18,7 +18,8 @@ optimizer keeps TE's FusedAdam and its state, and `optimizer.update_impl=megatro
 megatron's own step.
 On CUDA the update itself is train/master_adamw.py's kernel (`optimizer.update_impl`), which
 writes the bf16 weights in the same pass instead of megatron's copy after torch's AdamW, and
-steps the precision-aware optimizer's state in its own dtypes.
+steps the precision-aware optimizer's state in its own dtypes (also with TE's int16 master
+remainders, whose checkpoints hold fp32 master weights: train/master_remainders.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from moe_lab.config import ExperimentConfig
-from moe_lab.train import master_adamw
+from moe_lab.train import master_adamw, master_remainders
 from moe_lab.train.grad_norm import SquareSum
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,6 +75,7 @@ def build_optimizer(cfg: ExperimentConfig, config, model: DistributedDataParalle
         ),
         [model],
     )
+    _exchange_fp32_masters(optimizer)
     _use_torch_adamw(optimizer, o.update_impl)
     _use_fused_adamw(optimizer)
     _use_master_kernel(optimizer, o.update_impl)
@@ -140,6 +142,16 @@ def _use_torch_adamw(optimizer, impl: str) -> None:
             continue
         hyper = {k: inner.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
         sub.optimizer = torch.optim.AdamW(inner.param_groups, **hyper)
+
+
+def _exchange_fp32_masters(optimizer) -> None:
+    """With TE's int16 master remainders (store_param_remainders), a FusedAdam that hands
+    checkpoints the fp32 master weights: megatron-core 0.19.2 cannot load the remainders back
+    (train/master_remainders.py)."""
+    for sub in _subs(optimizer):
+        inner = getattr(sub, "optimizer", None)
+        if inner is not None and sub.config.use_precision_aware_optimizer:
+            sub.optimizer = master_remainders.fp32_exchange_adam(inner)
 
 
 def _use_fused_adamw(optimizer) -> None:

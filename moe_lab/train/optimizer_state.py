@@ -24,6 +24,8 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from moe_lab.train.master_remainders import keeps_remainders
+
 FORMAT = "param_space"
 _PREFIX = "optimizer.state"
 # Gather a DistributedOptimizer's state on data-parallel rank 0 only (over gloo) when saving,
@@ -122,11 +124,11 @@ def _materialise(sub) -> None:
     if getattr(sub.config, "use_precision_aware_optimizer", False):
         # megatron-core 0.19.2's hook calls TE FusedAdam's initialize_state(param), but TE 2.x
         # requires a second argument, store_param_remainders (seen with TE 2.20.2: TypeError
-        # on every resume). TE's own step passes its attribute; so do we.
+        # on every resume). TE's own step passes its attribute for bf16 weights; so do we.
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
-                    inner.initialize_state(param, inner.store_param_remainders)
+                    inner.initialize_state(param, keeps_remainders(inner, param))
         return
     if getattr(sub, "init_state_fn", None) is not None:
         sub.init_state_fn(sub.optimizer, sub.config)

@@ -112,10 +112,10 @@ def test_precision_aware_optimizer_needs_the_distributed_optimizer():
                             "optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_sq_dtype=bf16",
                             "optimizer.main_grads_dtype=bf16"])
     assert (cfg.optimizer.exp_avg_dtype, cfg.optimizer.main_grads_dtype) == ("bf16", "bf16")
-    # megatron-core 0.19.2 cannot load the remainders back: only where nothing is saved
-    remainders = ["optimizer.precision_aware=true", "training.precision=bf16",
-                  "optimizer.store_param_remainders=true"]
+    # the remainders only with the precision-aware optimizer; checkpoints hold fp32 masters
     with pytest.raises(ConfigError, match="optimizer.store_param_remainders: needs "
-                                          "checkpoint.enabled=false"):
-        C.load(TINY_MOE, remainders)
-    assert C.load(TINY_MOE, remainders + ["checkpoint.enabled=false"]).optimizer.store_param_remainders
+                                          "optimizer.precision_aware=true"):
+        C.load(TINY_MOE, ["optimizer.store_param_remainders=true", "training.precision=bf16"])
+    assert C.load(TINY_MOE, ["optimizer.precision_aware=true", "training.precision=bf16",
+                             "optimizer.store_param_remainders=true"]
+                  ).optimizer.store_param_remainders

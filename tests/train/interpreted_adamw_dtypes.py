@@ -1,14 +1,16 @@
 """Run by tests/train/test_master_adamw.py in a child process with TRITON_INTERPRET=1: one launch
 of train/master_adamw.py's kernel over fp32 master weights with bf16 gradients and bf16 moments
 (the precision-aware optimizer's layout), against torch's AdamW on fp32 copies of the same
-numbers; prints what the test compares as JSON."""
+numbers, and the same launch with the master weights kept as bf16 weights + int16 remainders
+(store_param_remainders), against the fp32 master weights' launch; prints what the test compares
+as JSON."""
 
 import json
 import math
 
 import torch
 
-from moe_lab.train import master_adamw
+from moe_lab.train import master_adamw, master_remainders
 
 LR, WD, BETAS, EPS, STEP, CLIP_SCALE = 1e-2, 0.1, (0.9, 0.95), 1e-8, 3, 2.0
 
@@ -34,6 +36,7 @@ def main() -> None:
     exp_avg = [(0.1 * torch.randn(n)).to(torch.bfloat16) for n in sizes]
     exp_avg_sq = [(0.01 * torch.rand(n)).to(torch.bfloat16) for n in sizes]
     copy = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    start = [t.clone() for t in master + exp_avg + exp_avg_sq]
 
     # torch's AdamW, in fp32, from the same numbers; the clipping divides the gradient
     ref = [torch.nn.Parameter(m.clone()) for m in master]
@@ -52,6 +55,7 @@ def main() -> None:
     master_adamw.update(launch, torch.tensor(CLIP_SCALE), torch.tensor(1.0), **kwargs)
     skipped = all(torch.equal(a, b) for a, b in zip(before, master + exp_avg))
     master_adamw.update(launch, torch.tensor(CLIP_SCALE), torch.tensor(0.0), **kwargs)
+    remainders = remainders_launch(start, grad, kwargs)
 
     print(json.dumps({
         "bf16_roles": list(launch.bf16),
@@ -64,7 +68,33 @@ def main() -> None:
                               for v, p in zip(exp_avg_sq, ref)),
         "copy_ulps": max(bf16_ulps(c, m) for c, m in zip(copy, master)),
         "moments_changed": all(not torch.equal(a, b) for a, b in zip(before[3:], exp_avg)),
+        "remainders": {
+            "launch": remainders["launch"], "skipped": remainders["skipped"],
+            # the same fp32 numbers as the fp32 master weights' launch, bit for bit
+            "master_equal": all(torch.equal(master_remainders.join(w, r), m) for w, r, m in
+                                zip(remainders["weights"], remainders["rems"], master)),
+            "split_equal": all(torch.equal(w, ws) and torch.equal(r, rs) for w, r, (ws, rs) in
+                               zip(remainders["weights"], remainders["rems"],
+                                   map(master_remainders.split, master))),
+            "moments_equal": all(torch.equal(a, b) for a, b in
+                                 zip(remainders["moments"], exp_avg + exp_avg_sq)),
+        },
     }))
+
+
+def remainders_launch(start, grad, kwargs) -> dict:
+    """One launch on the remainders layout, from the fp32 launch's starting numbers."""
+    n = len(grad)
+    master, moments = start[:n], [t.clone() for t in start[n:]]
+    weights, rems = map(list, zip(*(master_remainders.split(m) for m in master)))
+    roles = [rems, grad, moments[:n], moments[n:], weights]
+    launch = master_adamw._build_launch((), roles, torch.device("cpu"))
+    before = [t.clone() for t in rems + weights + moments]
+    master_adamw.update(launch, torch.tensor(CLIP_SCALE), torch.tensor(1.0), **kwargs)
+    skipped = all(torch.equal(a, b) for a, b in zip(before, rems + weights + moments))
+    master_adamw.update(launch, torch.tensor(CLIP_SCALE), torch.tensor(0.0), **kwargs)
+    return {"launch": [launch.remainders, launch.bf16[0]], "skipped": skipped,
+            "weights": weights, "rems": rems, "moments": moments}
 
 
 if __name__ == "__main__":

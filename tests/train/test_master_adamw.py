@@ -54,7 +54,8 @@ def test_kernel_updates_like_torch_adamw_and_writes_the_bf16_weights(ranks, dist
 
 def test_kernel_steps_bf16_gradients_and_moments_like_torch_adamw_in_fp32():
     """The precision-aware optimizer's layout (fp32 master weights, bf16 gradients and moments):
-    read in bf16, computed in fp32, stored back in bf16. The GPU test compares it with TE's
+    read in bf16, computed in fp32, stored back in bf16; and with the master weights as bf16
+    weights + remainders. The GPU test compares it with TE's
     FusedAdam in training (tests/gpu/test_precision_aware.py)."""
     result = subprocess.run([sys.executable, "-m", "tests.train.interpreted_adamw_dtypes"],
                             cwd=REPO, env=child_env({"TRITON_INTERPRET": "1"}),
@@ -68,6 +69,10 @@ def test_kernel_steps_bf16_gradients_and_moments_like_torch_adamw_in_fp32():
     # bf16 keeps 8 significant bits (the interpreter truncates where the GPU rounds)
     assert got["exp_avg_rel"] < 2 ** -7 and got["exp_avg_sq_rel"] < 2 ** -7
     assert got["copy_ulps"] <= 1
+    # store_param_remainders: the fp32 master weight joined from the bf16 weight and its int16
+    # remainder, updated, split again; every number as in the fp32 master weights' launch
+    assert got["remainders"] == {"launch": [True, True], "skipped": True, "master_equal": True,
+                                 "split_equal": True, "moments_equal": True}
 
 
 def test_cpu_training_keeps_megatrons_update_and_triton_is_refused(world):
@@ -85,9 +90,8 @@ def test_cpu_training_keeps_megatrons_update_and_triton_is_refused(world):
 def test_update_impl_is_checked_with_the_config():
     with pytest.raises(ValueError, match="optimizer.update_impl"):
         C.load(TINY_MOE, ["optimizer.update_impl=fast"])
-    with pytest.raises(ValueError, match="optimizer.update_impl.*store_param_remainders"):
-        C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
-                          "optimizer.store_param_remainders=true", "training.precision=bf16"])
-    # the precision-aware optimizer's bf16 state is the kernel's too
+    # the precision-aware optimizer's bf16 state is the kernel's too, remainders included
     C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
                       "optimizer.exp_avg_dtype=bf16", "training.precision=bf16"])
+    C.load(TINY_MOE, ["optimizer.update_impl=triton", "optimizer.precision_aware=true",
+                      "optimizer.store_param_remainders=true", "training.precision=bf16"])
