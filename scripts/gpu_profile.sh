@@ -45,6 +45,8 @@
 #                master copy, store_param_remainders=false) and with the remainders on;
 #  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
 #                `grouped_mm` for one layer's expert GEMMs at shapes A and B, quantisation included;
+#  fp8dense      scripts/fp8_dense_probe.py: A mbs 4's dense GEMMs (attention, shared expert, LM
+#                head) in bf16 against FP8 `_scaled_mm` with the operands already quantised;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
 #                mbs 2, shape B (Qwen2-57B-A14B layers, 2 layers: 4 do not fit one H200 with
 #                fp32 master weights) at mbs 1, 2, 4 or 8; variants $MATRIX (default: transformers
@@ -202,6 +204,8 @@ EOF
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pak,mcore_torch_bf16+$pa" ;;
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;
+  fp8dense) timeout 200 python3 scripts/fp8_dense_probe.py --out "$res/fp8_dense_probe.json" \
+        2>&1 | quiet > "$res/$stage.log" ;;
   fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   pa)
