@@ -98,8 +98,8 @@ def unsupported_reason(sub) -> str | None:
 
 def _precision_aware_reason(sub, inner) -> str | None:
     """Why the kernel cannot step this precision-aware optimizer's TE FusedAdam; None if it can."""
-    if type(inner).__name__ != "FusedAdam" or not type(inner).__module__.startswith(
-            "transformer_engine"):
+    if not any(c.__name__ == "FusedAdam" and c.__module__.startswith("transformer_engine")
+               for c in type(inner).__mro__):  # TE's, or master_remainders' subclass of it
         return f"precision-aware inner optimizer {type(inner).__name__}, not TE's FusedAdam"
     if not sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         return "the precision-aware optimizer with FP8 master weights"
