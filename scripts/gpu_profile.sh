@@ -6,6 +6,7 @@
 #                top kernels, host time blocked in CUDA syncs;
 #  ep2           the same for mcore_torch_bf16 as EP=2 on 2 GPUs (torchrun, mbs 1 per rank):
 #                the dispatcher's share of the step;
+#  ep2ov         EP=2 (2 GPUs, mbs 1 per rank), without and with parallel.overlap_grad_reduce;
 #  ablate        one mcore_torch_bf16 model per mbs, timed with megatron's own optimizer step
 #                (foreach AdamW, per-tensor norm and clipping fallbacks), then with moe-lab's
 #                fused step (train/optim.py), then + megatron's native fused cross-entropy;
@@ -96,6 +97,11 @@ for stage in $stages; do
     timeout 90 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
       --mbs 1 --variants mcore_torch_bf16 --out "$res/bench_ep2_mbs1.json" \
       --profile "$res/prof_ep2_mbs1" parallel.ep=2 2>&1 | quiet > "$res/$stage.log"
+    ;;
+  ep2ov)  # EP=2 at A mbs 1 without and with megatron's overlap_grad_reduce (no profile)
+    timeout 150 python3 -m torch.distributed.run --nproc-per-node 2 -m moe_lab bench "${A[@]}" \
+      --mbs 1 --variants mcore_torch_bf16,mcore_torch_bf16+parallel.overlap_grad_reduce=true \
+      --out "$res/bench_ep2ov_mbs1.json" parallel.ep=2 2>&1 | quiet > "$res/$stage.log"
     ;;
   ablate)
     timeout 150 python3 - <<'EOF' 2>&1 | quiet > "$res/$stage.log"

@@ -146,6 +146,11 @@ class ParallelConfig:
     etp: int = 1
     cp: int = 1
     sequence_parallel: bool | None = None  # None: on when tp > 1
+    # megatron DDP's overlap_grad_reduce (Megatron-LM's --overlap-grad-reduce): each bucket of
+    # gradients starts its reduction over data parallel in the backward pass, as soon as the
+    # bucket is complete, instead of all of them after it. Every trainable parameter must then
+    # get a gradient in every step (megatron refuses the step otherwise).
+    overlap_grad_reduce: bool = False
 
     def __post_init__(self):
         _positive("parallel", self, "tp", "pp", "ep", "etp", "cp")

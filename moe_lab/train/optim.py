@@ -46,7 +46,7 @@ def wrap_ddp(cfg: ExperimentConfig, config, model) -> DistributedDataParallel:
         # main gradients.
         grad_reduce_in_fp32=cfg.optimizer.main_grads_dtype == "fp32",
         use_distributed_optimizer=cfg.optimizer.distributed,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         average_in_collective=False,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)

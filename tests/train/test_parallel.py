@@ -19,6 +19,9 @@ LAYOUTS = {
     "ep2_allgather": (2, ["parallel.ep=2", "moe.dispatcher=allgather"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp2": (2, []),
+    # each gradient bucket reduced as soon as the backward pass completes it
+    "dp2_overlap_grad_reduce": (2, ["parallel.overlap_grad_reduce=true"]),
+    "ep2_overlap_grad_reduce": (2, ["parallel.ep=2", "parallel.overlap_grad_reduce=true"]),
     "tp2_ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
     # the torch backend (grouped-GEMM experts, SDPA attention) loads the local backend's
     # checkpoint layout and computes the same
