@@ -83,7 +83,6 @@ def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
     zero_grad_buffer."""
     import torch
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from moe_lab import config as C
     from moe_lab.data import SyntheticTokens
@@ -91,7 +90,6 @@ def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
     from moe_lab.train.grad_accumulation import (fuse_main_grad_accumulation, zero_grad_buffer,
                                                  zero_unwritten_before_reduce)
     from moe_lab.train.optim import wrap_ddp
-    from moe_lab.train.step import forward_step_func
 
     cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16",
                             "optimizer.precision_aware=true", "optimizer.main_grads_dtype=bf16"])
@@ -116,12 +114,7 @@ def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
                 p.main_grad.fill_(7.0)
             zero_grad_buffer(model)
             kept_before_backward.append(bool((probe.main_grad == 7.0).all()))
-            get_forward_backward_func()(
-                forward_step_func=forward_step_func(cfg),
-                data_iterator=iter([data.batch([4 * step + i, 4 * step + i + 1])
-                                    for i in (0, 2)]),
-                model=[model], num_microbatches=2, seq_length=cfg.training.seq_length,
-                micro_batch_size=2, forward_only=False)
+            _two_micro_batches(cfg, model, data, step)
         buffers = [b.grad_data.clone() for b in model.buffers + model.expert_parallel_buffers]
         return buffers, kept_before_backward, gpt.unused.main_grad.clone()
 
@@ -130,6 +123,63 @@ def test_the_step_zeroes_only_the_main_gradients_no_hook_writes_first(world):
     assert zeroed == [False, False] and kept == [True, True]
     assert torch.equal(unused_megatron, torch.zeros(8)) and torch.equal(unused_ours,
                                                                          torch.zeros(8))
+    assert all(bool(b.abs().sum() > 0) for b in ours)
+    assert all(torch.equal(a, b) for a, b in zip(megatrons, ours))
+
+
+def _two_micro_batches(cfg, model, data, step: int) -> None:
+    """Step `step`'s forward and backward of two micro-batches through megatron's schedule."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from moe_lab.train.step import forward_step_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step_func(cfg),
+        data_iterator=iter([data.batch([4 * step + i, 4 * step + i + 1]) for i in (0, 2)]),
+        model=[model], num_microbatches=2, seq_length=cfg.training.seq_length,
+        micro_batch_size=2, forward_only=False)
+
+
+def test_hooks_and_skipped_zeroing_under_overlap_grad_reduce(world):
+    """parallel.overlap_grad_reduce: megatron's backward hook starts each bucket's reduction
+    once the bucket is complete, after ours wrote the main gradient; two steps of two
+    micro-batches leave the buffers megatron's own accumulation and zeroing leave."""
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+
+    from moe_lab import config as C
+    from moe_lab.data import SyntheticTokens
+    from moe_lab.model import build_model, build_transformer_config
+    from moe_lab.train.grad_accumulation import (fuse_main_grad_accumulation, zero_grad_buffer,
+                                                 zero_unwritten_before_reduce)
+    from moe_lab.train.optim import wrap_ddp
+
+    cfg = C.load(TINY_MOE, ["tracking.enabled=false", "training.precision=bf16",
+                            "optimizer.precision_aware=true", "optimizer.main_grads_dtype=bf16",
+                            "parallel.overlap_grad_reduce=true"])
+    data = SyntheticTokens(cfg.model.vocab_size, cfg.training.seq_length, cfg.training.seed)
+
+    def two_steps(hooked: bool):
+        torch.manual_seed(0)
+        config = build_transformer_config(cfg, use_cpu_initialization=True)
+        model = wrap_ddp(cfg, config, build_model(cfg, config))
+        config.finalize_model_grads_func, config.no_sync_func = finalize_model_grads, model.no_sync
+        if hooked:
+            fuse_main_grad_accumulation(model, device_type="cpu")
+            zero_unwritten_before_reduce(model)
+        for step in (0, 1):
+            zero_grad_buffer(model)  # megatron's own where nothing is hooked
+            _two_micro_batches(cfg, model, data, step)
+        return model, [b.grad_data.clone() for b in model.buffers + model.expert_parallel_buffers]
+
+    _, megatrons = two_steps(hooked=False)
+    model, ours = two_steps(hooked=True)
+    # megatron launches from the hooks from the second step on, once the first recorded which
+    # parameters get gradients (at the reset in zero_grad_buffer)
+    groups = model.bucket_groups + model.expert_parallel_bucket_groups
+    assert model.ddp_config.overlap_grad_reduce and groups
+    assert not any(group.is_first_batch for group in groups)
+    assert model.moe_lab_written_first and getattr(model, "moe_lab_zeroes_unwritten", False)
     assert all(bool(b.abs().sum() > 0) for b in ours)
     assert all(torch.equal(a, b) for a, b in zip(megatrons, ours))
 
