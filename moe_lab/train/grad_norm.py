@@ -89,15 +89,12 @@ class SquareSum:
 
 
 if triton is not None:
+    from moe_lab.train.master_adamw import program_block
 
     @triton.jit
     def _square_sum_kernel(block_tensor, block_index, addresses, numels, partials,
                            BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        start = tl.load(block_index + pid).to(tl.int64) * BLOCK
-        offsets = start + tl.arange(0, BLOCK)
-        n = tl.load(numels + t)
+        t, start, offsets, n = program_block(block_tensor, block_index, numels, BLOCK)
         address = tl.load(addresses + t)
         if ALIGNED:  # the host checked: 16-byte vector loads
             address = tl.multiple_of(address, 16)
@@ -108,4 +105,4 @@ if triton is not None:
             x = tl.load(ptr + offsets).to(tl.float32)
         else:
             x = tl.load(ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
-        tl.store(partials + pid, tl.sum(x * x))
+        tl.store(partials + tl.program_id(0), tl.sum(x * x))

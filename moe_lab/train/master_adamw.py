@@ -325,6 +325,15 @@ def update(launch: _Launch, grad_scale, skip=None, *, lr, weight_decay, beta1, b
 if triton is not None:
 
     @triton.jit
+    def program_block(block_tensor, block_index, numels, BLOCK: tl.constexpr):
+        """This program's place in `block_table`'s tables: (tensor, first element, the
+        block's element offsets, the tensor's number of elements)."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor + pid)
+        start = tl.load(block_index + pid).to(tl.int64) * BLOCK
+        return t, start, start + tl.arange(0, BLOCK), tl.load(numels + t)
+
+    @triton.jit
     def _address(addresses, role, n_tensors, t, dtype, ALIGNED: tl.constexpr):
         address = tl.load(addresses + role * n_tensors + t)
         if ALIGNED:  # the host checked: lets Triton use 16-byte vector loads
@@ -391,11 +400,7 @@ if triton is not None:
                       HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_COPY: tl.constexpr,
                       G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                       REMAINDERS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        start = tl.load(block_index + pid).to(tl.int64) * BLOCK
-        offsets = start + tl.arange(0, BLOCK)
-        n = tl.load(numels + t)
+        t, start, offsets, n = program_block(block_tensor, block_index, numels, BLOCK)
         if HAS_SKIP:  # a NaN/Inf loss or gradient norm: an empty tensor, every access masked
             n = tl.where(tl.load(skip) != 0, 0, n)
         p_ptr = _address(addresses, 0, n_tensors, t, tl.float32, ALIGNED)
