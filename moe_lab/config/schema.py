@@ -50,6 +50,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     backend: Literal["local", "te", "torch"] = "local"
+    # Transformer Engine's fused RoPE kernel (Megatron-LM's default, `--no-rope-fusion` turns it
+    # off) wherever TE is installed and the model trains on the GPU; false: megatron's unfused
+    # RoPE, several elementwise passes over the queries and keys each way.
+    rope_fusion: bool = True
 
     def __post_init__(self):
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",

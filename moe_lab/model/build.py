@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import fused_apply_rotary_pos_emb
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -59,9 +60,11 @@ def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool
         variable_seq_lengths=False,
         **_RECOMPUTE[t.recompute],
     )
-    if m.backend == "te":
-        # Transformer Engine's fused RoPE, Megatron-LM's default wherever TE is installed (the
-        # te backend always has it); unfused, RoPE is several elementwise passes over q and k.
+    te_rope = fused_apply_rotary_pos_emb is not None and not use_cpu_initialization
+    if m.rope_fusion and (m.backend == "te" or (m.backend == "torch" and te_rope)):
+        # TE's fused RoPE (megatron imports it where TE is installed): one kernel each way
+        # instead of several elementwise passes over the queries and keys. The local backend,
+        # the numerical reference, keeps megatron's unfused RoPE.
         fields.update(apply_rope_fusion=True)
     if t.precision == "fp8":
         fields.update(fp8_fields(t.fp8_recipe))

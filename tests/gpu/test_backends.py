@@ -28,11 +28,14 @@ def test_fast_backends_match_the_local_backend_in_bf16(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     curves = {}
     te = importlib.util.find_spec("transformer_engine") is not None
-    backends = ("local", "torch", "te") if te else ("local", "torch")
+    # with TE, the torch backend takes TE's fused RoPE; "torch_unfused" is it with megatron's
+    backends = ("local", "torch", "torch_unfused", "te") if te else ("local", "torch")
     for backend in backends:
         run = tmp_path / backend
+        extra = ["model.backend=torch", "model.rope_fusion=false"] if backend == "torch_unfused" \
+            else [f"model.backend={backend}"]
         result = run_cli(["train", TINY_MOE, "--run-dir", str(run), "training.max_steps=3",
-                          f"model.backend={backend}", f"checkpoint.init_from={base}", *COMMON])
+                          *extra, f"checkpoint.init_from={base}", *COMMON])
         assert result.returncode == 0, result.stderr[-3000:]
         curves[backend] = read_metrics(run / "metrics.jsonl")
     first_loss = [curves[b][0]["loss/lm"] for b in backends]
@@ -43,6 +46,23 @@ def test_fast_backends_match_the_local_backend_in_bf16(tmp_path):
     for loss, grad in zip(first_loss[1:], first_grad[1:]):
         assert loss == pytest.approx(first_loss[0], rel=1e-2)
         assert grad == pytest.approx(first_grad[0], rel=5e-2)
+
+
+@needs_gpus(1)
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
+                    reason="TE's fused RoPE needs Transformer Engine")
+def test_torch_backend_takes_te_fused_rope_where_te_is_installed():
+    from moe_lab import config as C
+    from moe_lab.model import build_transformer_config
+
+    def fused(*overrides, cpu=False):
+        cfg = C.load(TINY_MOE, ["model.backend=torch", *overrides])
+        return build_transformer_config(cfg, use_cpu_initialization=cpu).apply_rope_fusion
+
+    assert fused()
+    assert not fused("model.rope_fusion=false")
+    assert not fused(cpu=True)  # the CPU path keeps megatron's RoPE
+    assert not fused("model.backend=local")  # the reference stays unfused
 
 
 def _host_wait_behind_a_busy_gpu(moe) -> tuple[float, float]:
