@@ -48,6 +48,8 @@
 #                master copy, store_param_remainders=false) and with the remainders on;
 #  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
 #                `grouped_mm` for one layer's expert GEMMs at shapes A and B, quantisation included;
+#  sdpaprobe     scripts/sdpa_probe.py: causal SDPA forward + backward per kernel (flash, cuDNN,
+#                memory-efficient) at shapes A and B, against flash's numbers;
 #  fp8dense      scripts/fp8_dense_probe.py: A mbs 4's dense GEMMs (attention, shared expert, LM
 #                head) in bf16 against FP8 `_scaled_mm` with the operands already quantised;
 #  A1 A4 A8 B1 B2 B4 B8  moe-lab bench (no profile) of shape A at mbs 1 and 4, A with 8 layers at
@@ -215,6 +217,8 @@ EOF
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \
         --variants "hf_grouped_bf16,mcore_torch_bf16,mcore_torch_bf16+${pa%+optimizer.store_param_remainders=true},mcore_torch_bf16+$pa" ;;
   fp8dense) timeout 200 python3 scripts/fp8_dense_probe.py --out "$res/fp8_dense_probe.json" \
+        2>&1 | quiet > "$res/$stage.log" ;;
+  sdpaprobe) timeout 200 python3 scripts/sdpa_probe.py --out "$res/sdpa_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;

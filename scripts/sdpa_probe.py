@@ -1,0 +1,85 @@
+"""Which of torch's scaled_dot_product_attention kernels is fastest at the bench shapes?
+
+Times causal SDPA forward + backward in bf16, one call per kernel torch offers (flash, cuDNN,
+memory-efficient), at shape A (Qwen1.5-MoE-A2.7B: 16 query and 16 key/value heads of 128) and
+shape B (Qwen2-57B-A14B: 28 query heads, 4 key/value heads, `enable_gqa`), seq 4096, at the
+micro-batches the bench uses, and compares each kernel's output and gradients with flash's (the
+kernel torch picks by default on an H200). A kernel that refuses a shape is reported with its
+reason. Prints JSON.
+
+  python scripts/sdpa_probe.py --out sdpa_probe.json     (one GPU; ~1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moe_lab.bench.timing import cuda_event_ms
+
+KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION}
+# name: (micro-batch, query heads, key/value heads); head dim 128, seq 4096
+SHAPES = {"A_mbs1": (1, 16, 16), "A_mbs4": (4, 16, 16), "B_mbs2": (2, 28, 4),
+          "B_mbs8": (8, 28, 4)}
+SEQ, HEAD_DIM = 4096, 128
+
+
+def _inputs(batch: int, heads: int, kv_heads: int):
+    """q, k, v [b, n, s, d] as SDPACoreAttention makes them: permuted views of [s, b, n, d]."""
+    def make(n):
+        t = torch.randn(SEQ, batch, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        return t.permute(1, 2, 0, 3).requires_grad_()
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def _run(kernel, q, k, v, grad_out):
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+    q.grad = k.grad = v.grad = None
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def probe_shape(batch: int, heads: int, kv_heads: int) -> dict:
+    torch.manual_seed(0)
+    q, k, v = _inputs(batch, heads, kv_heads)
+    grad_out = torch.randn(batch, heads, SEQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    flops = 4 * batch * heads * SEQ * SEQ * HEAD_DIM / 2 * 3.5  # causal; backward 2.5x forward
+    reference = _run(KERNELS["flash"], q, k, v, grad_out)
+    rows = {}
+    for name, kernel in KERNELS.items():
+        try:
+            result = _run(kernel, q, k, v, grad_out)
+        except RuntimeError as error:  # the kernel does not take this shape
+            rows[name] = {"error": str(error).splitlines()[0][:200]}
+            continue
+        ms = cuda_event_ms(lambda: _run(kernel, q, k, v, grad_out), repeat=10)
+        diffs = [(a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+                 for a, b in zip(result, reference)]
+        rows[name] = {"fwd_bwd_ms": ms, "tflops": flops / ms / 1e9,
+                      "max_rel_diff_to_flash": dict(zip(("out", "dq", "dk", "dv"), diffs))}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version(),
+              "shapes": {name: probe_shape(*shape) for name, shape in SHAPES.items()}}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
