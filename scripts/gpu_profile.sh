@@ -219,7 +219,11 @@ EOF
   fp8dense) timeout 200 python3 scripts/fp8_dense_probe.py --out "$res/fp8_dense_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   sdpaprobe) timeout 200 python3 scripts/sdpa_probe.py --out "$res/sdpa_probe.json" \
-        2>&1 | quiet > "$res/$stage.log" ;;
+        2>&1 | quiet > "$res/$stage.log"
+    if python3 -c "import transformer_engine" 2>/dev/null; then
+      timeout 200 python3 scripts/sdpa_probe.py --import-te --out "$res/sdpa_probe_te.json" \
+        2>&1 | quiet >> "$res/$stage.log"
+    fi ;;
   fp8probe) timeout 300 python3 scripts/fp8_grouped_probe.py --out "$res/fp8_probe.json" \
         2>&1 | quiet > "$res/$stage.log" ;;
   pa)

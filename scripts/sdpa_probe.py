@@ -7,7 +7,10 @@ micro-batches the bench uses, and compares each kernel's output and gradients wi
 kernel torch picks by default on an H200). A kernel that refuses a shape is reported with its
 reason. Prints JSON.
 
-  python scripts/sdpa_probe.py --out sdpa_probe.json     (one GPU; ~1 minute)
+  python scripts/sdpa_probe.py --out sdpa_probe.json [--import-te]    (one GPU; ~1 minute)
+
+`--import-te` imports Transformer Engine first: with TE installed, the tenth session's profiles
+show torch's flash kernel where the runs without TE show cuDNN's.
 """
 
 from __future__ import annotations
@@ -46,13 +49,31 @@ def _run(kernel, q, k, v, grad_out):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def _default_kernels(q, k, v, grad_out) -> list[str]:
+    """The GPU kernels torch's own choice runs (no sdpa_kernel context)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        out.backward(grad_out)
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if e.device_time_total > 0}
+    return sorted(n[:90] for n in names if "sdpa" in n.lower() or "flash" in n.lower()
+                  or "fmha" in n.lower() or "attention" in n.lower())
+
+
 def probe_shape(batch: int, heads: int, kv_heads: int) -> dict:
     torch.manual_seed(0)
     q, k, v = _inputs(batch, heads, kv_heads)
     grad_out = torch.randn(batch, heads, SEQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     flops = 4 * batch * heads * SEQ * SEQ * HEAD_DIM / 2 * 3.5  # causal; backward 2.5x forward
     reference = _run(KERNELS["flash"], q, k, v, grad_out)
-    rows = {}
+    rows = {"default_kernels": _default_kernels(q, k, v, grad_out)}
     for name, kernel in KERNELS.items():
         try:
             result = _run(kernel, q, k, v, grad_out)
@@ -70,9 +91,14 @@ def probe_shape(batch: int, heads: int, kv_heads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
+    parser.add_argument("--import-te", action="store_true",
+                        help="import transformer_engine.pytorch first (as moe-lab does with TE)")
     args = parser.parse_args()
+    if args.import_te:
+        import transformer_engine.pytorch  # noqa: F401
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(),
+              "cudnn": torch.backends.cudnn.version(), "te_imported": args.import_te,
+              "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled(),
               "shapes": {name: probe_shape(*shape) for name, shape in SHAPES.items()}}
     text = json.dumps(result, indent=1)
     print(text)

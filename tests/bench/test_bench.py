@@ -12,9 +12,11 @@ from moe_lab.testing import run_cli
 from ..conftest import TINY_MOE
 
 
-# the last one with an override of its own (megatron's unfused loss instead of the default)
+# the last two with an override of their own (megatron's unfused loss instead of the default;
+# DDP's overlapped reduction, the one parallel.* key a variant may set)
 NAMES = ["hf_grouped_fp32", "mcore_local_fp32", "mcore_torch_fp32",
-         "mcore_torch_fp32+training.cross_entropy=megatron"]
+         "mcore_torch_fp32+training.cross_entropy=megatron",
+         "mcore_torch_fp32+parallel.overlap_grad_reduce=true"]
 
 
 def test_bench_times_transformers_and_moe_lab_side_by_side(tmp_path):
@@ -38,6 +40,11 @@ def test_unknown_variant_is_one_line():
     result = run_cli(["bench", "--variants", "mcore_torch_bf16+training.cross_entropy=fast"])
     assert result.returncode == 2
     assert "training.cross_entropy" in result.stderr and len(result.stderr.splitlines()) == 1
+    # a variant of its own layout would need other process groups: refused before any build
+    result = run_cli(["bench", "--preset", TINY_MOE,
+                      "--variants", "mcore_torch_fp32,mcore_torch_fp32+parallel.sequence_parallel=false"])
+    assert result.returncode == 2
+    assert "one parallel layout" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_profile_writes_kernel_classes_per_variant(tmp_path):

@@ -93,9 +93,12 @@ def run(args) -> int:
             cfg.training, global_batch_size=args.mbs * dp))
         check_layout(cfg, env.world_size)
         configs[v] = cfg
-    if len({c.parallel for c in configs.values()}) > 1:
+    # One process-group layout for all; overlap_grad_reduce only changes when DDP reduces.
+    layouts = {dataclasses.replace(c.parallel, overlap_grad_reduce=False)
+               for c in configs.values()}
+    if len(layouts) > 1:
         raise UserError("--variants: all variants run in one parallel layout; set parallel.* "
-                        "as a command-line override, not per variant")
+                        "(but overlap_grad_reduce) as a command-line override, not per variant")
     cuda = torch.cuda.is_available()
     if cuda and env.world_size == 1 and len(variants) > 1 and not args.in_process:
         # megatron's DDP hooks its gradient accumulators from C++, which keeps a model and its
