@@ -42,8 +42,9 @@
 #                bf16 state ($pak, fp32 master copy) stepped by moe-lab's kernel;
 #  rA1 rA12      (TE) the same points, transformers pure bf16 against $pak and against $pa (the
 #                master weights as bf16 weights + int16 remainders, also stepped by the kernel);
-#  ropeA1        (TE) A mbs 1: transformers pure bf16 against $pa with TE's fused RoPE (the
-#                default where TE is installed) and with megatron's unfused RoPE;
+#  ropeA1 ropeA4 (TE) A mbs 1 or 4: transformers pure bf16 against $pa with the defaults (TE's
+#                fused RoPE, cuDNN's attention), with torch's flash attention, and with both
+#                as before the twelfth session (flash, megatron's unfused RoPE);
 #  paA4          (TE) A mbs 4: the precision-aware optimizer with moe-lab's default (a full fp32
 #                master copy, store_param_remainders=false) and with the remainders on;
 #  fp8probe      scripts/fp8_grouped_probe.py: rowwise FP8 `_scaled_grouped_mm` against bf16
@@ -210,8 +211,8 @@ EOF
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pak" ;;
   rA1) bench rA1 300 "${A[@]}" --mbs 1 \
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pak,mcore_torch_bf16+$pa" ;;
-  ropeA1) bench ropeA1 300 "${A[@]}" --mbs 1 \
-        --variants "hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_torch_bf16+$pa+model.rope_fusion=false" ;;
+  ropeA1|ropeA4) bench "$stage" 400 "${A[@]}" --mbs "${stage#ropeA}" \
+        --variants "hf_grouped_bf16,mcore_torch_bf16+$pa,mcore_torch_bf16+$pa+model.attention_backend=flash,mcore_torch_bf16+$pa+model.attention_backend=flash+model.rope_fusion=false" ;;
   rA12) bench rA12 400 --preset qwen1.5-moe-a2.7b --layers 12 --seq 4096 --mbs 2 \
         --variants "hf_grouped_bf16,mcore_torch_bf16+$pak,mcore_torch_bf16+$pa" ;;
   paA4) bench paA4 300 "${A[@]}" --mbs 4 \

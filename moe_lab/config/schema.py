@@ -54,6 +54,11 @@ class ModelConfig:
     # off) wherever TE is installed and the model trains on the GPU; false: megatron's unfused
     # RoPE, several elementwise passes over the queries and keys each way.
     rope_fusion: bool = True
+    # Megatron-LM's --attention-backend. The te backend hands it to Transformer Engine; the torch
+    # backend maps it onto torch's SDPA kernels: flash (torch's FlashAttention-2), fused (cuDNN's
+    # fused attention), unfused (the math path), auto (cuDNN where it takes the shape, then
+    # flash). The local backend has megatron's unfused attention only.
+    attention_backend: Literal["auto", "flash", "fused", "unfused"] = "auto"
 
     def __post_init__(self):
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
@@ -67,6 +72,11 @@ class ModelConfig:
                      "model.num_query_groups", f"{self.num_query_groups} does not divide "
                      f"num_attention_heads {self.num_attention_heads}")
         _one_of("model.backend", self.backend, ("local", "te", "torch"))
+        _one_of("model.attention_backend", self.attention_backend,
+                ("auto", "flash", "fused", "unfused"))
+        _require(self.backend != "local" or self.attention_backend == "auto",
+                 "model.attention_backend", f"{self.attention_backend} needs model.backend te "
+                 "or torch; the local backend has megatron's unfused attention only")
 
     @property
     def kv_heads(self) -> int:

@@ -4,12 +4,27 @@ kernels on GPUs), for the `torch` backend: megatron's local DotProductAttention 
 
 Implements megatron's core-attention slot: forward(query, key, value, attention_mask, ...) with
 query [s, b, heads, d] and key/value [s, b, kv_heads, d]; returns [s, b, heads * d].
+
+`config.attention_backend` (model.attention_backend) picks torch's kernel on the GPU. torch's own
+order tries FlashAttention-2 first; cuDNN's fused attention is faster on Hopper
+(scripts/sdpa_probe.py, docs/performance.md), so `auto` asks for it first and falls back to
+torch's order where cuDNN does not take the shape.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SDPA_KERNELS = {
+    AttnBackend.auto: [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    AttnBackend.flash: [SDPBackend.FLASH_ATTENTION],
+    AttnBackend.fused: [SDPBackend.CUDNN_ATTENTION],
+    AttnBackend.unfused: [SDPBackend.MATH],
+}
 
 
 class SDPACoreAttention(MegatronModule):
@@ -21,6 +36,7 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError("model.backend=torch has no context-parallel attention; use te")
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kernels = SDPA_KERNELS[config.attention_backend]
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -28,9 +44,13 @@ class SDPACoreAttention(MegatronModule):
             raise NotImplementedError("packed sequences and attention bias need the te backend")
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])
+        kwargs = dict(is_causal=True, scale=self.softmax_scale,
+                      dropout_p=self.dropout if self.training else 0.0,
+                      enable_gqa=k.shape[1] != q.shape[1])
+        if q.is_cuda:
+            with sdpa_kernel(self.kernels, set_priority=True):
+                out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        else:  # the CPU keeps torch's choice
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import fused_apply_rotary_pos_emb
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moe_lab.config import ExperimentConfig
@@ -58,6 +59,7 @@ def build_transformer_config(cfg: ExperimentConfig, use_cpu_initialization: bool
         bf16=t.precision in ("bf16", "fp8"),
         use_cpu_initialization=use_cpu_initialization,
         variable_seq_lengths=False,
+        attention_backend=AttnBackend[m.attention_backend],
         **_RECOMPUTE[t.recompute],
     )
     te_rope = fused_apply_rotary_pos_emb is not None and not use_cpu_initialization

@@ -60,6 +60,9 @@ def test_tiny_dense_is_dense():
                                      "optimizer.precision_aware=true"),
     ("optimizer.main_grads_dtype=fp16", "optimizer.main_grads_dtype: must be one of fp32, bf16"),
     ("optimizer.precision_aware=true", "optimizer.precision_aware: needs bf16 model weights"),
+    ("model.attention_backend=fused", "model.attention_backend: fused needs model.backend te "
+                                      "or torch"),
+    ("model.attention_backend=fa3", "model.attention_backend: must be one of auto, flash"),
 ])
 def test_command_line_errors_are_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -29,11 +29,13 @@ def test_fast_backends_match_the_local_backend_in_bf16(tmp_path):
     curves = {}
     te = importlib.util.find_spec("transformer_engine") is not None
     # with TE, the torch backend takes TE's fused RoPE; "torch_unfused" is it with megatron's
-    backends = ("local", "torch", "torch_unfused", "te") if te else ("local", "torch")
+    # and "torch_flash" is it with torch's FlashAttention-2 instead of cuDNN's attention
+    backends = ("local", "torch", "torch_flash") + (("torch_unfused", "te") if te else ())
+    variants = {"torch_unfused": ["model.backend=torch", "model.rope_fusion=false"],
+                "torch_flash": ["model.backend=torch", "model.attention_backend=flash"]}
     for backend in backends:
         run = tmp_path / backend
-        extra = ["model.backend=torch", "model.rope_fusion=false"] if backend == "torch_unfused" \
-            else [f"model.backend={backend}"]
+        extra = variants.get(backend, [f"model.backend={backend}"])
         result = run_cli(["train", TINY_MOE, "--run-dir", str(run), "training.max_steps=3",
                           *extra, f"checkpoint.init_from={base}", *COMMON])
         assert result.returncode == 0, result.stderr[-3000:]
@@ -63,6 +65,42 @@ def test_torch_backend_takes_te_fused_rope_where_te_is_installed():
     assert not fused("model.rope_fusion=false")
     assert not fused(cpu=True)  # the CPU path keeps megatron's RoPE
     assert not fused("model.backend=local")  # the reference stays unfused
+
+
+@needs_gpus(1)
+def test_torch_backend_attention_runs_the_kernel_model_attention_backend_names():
+    """auto asks for cuDNN's fused attention first, also with TE imported (which leaves
+    torch's own choice on FlashAttention-2, docs/performance.md); flash and fused pin one."""
+    import torch
+    from megatron.core.transformer.enums import AttnBackend
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_lab import config as C
+    from moe_lab.model import build_transformer_config
+    from moe_lab.model.attention import SDPACoreAttention
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        import transformer_engine.pytorch  # noqa: F401  (as a te-enabled run has it imported)
+    config = build_transformer_config(C.load(TINY_MOE, ["model.backend=torch"]),
+                                      use_cpu_initialization=False)
+    s, b, n, d = 512, 2, 4, 128
+    q, k, v = (torch.randn(s, b, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    ran, outputs = {}, {}
+    for name in ("auto", "flash", "fused"):
+        config.attention_backend = AttnBackend[name]
+        attention = SDPACoreAttention(config, 1, None, softmax_scale=d ** -0.5)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = attention(q, k, v)
+            out.float().sum().backward()
+        ran[name] = sorted({e.key for e in prof.key_averages()
+                            if e.key.startswith("aten::_scaled_dot_product")})
+        outputs[name] = out.detach().float()
+    report("sdpa_kernels", ran)
+    assert "aten::_scaled_dot_product_cudnn_attention" in ran["auto"], ran
+    assert "aten::_scaled_dot_product_cudnn_attention" in ran["fused"], ran
+    assert "aten::_scaled_dot_product_flash_attention" in ran["flash"], ran
+    torch.testing.assert_close(outputs["auto"], outputs["flash"], rtol=2e-2, atol=2e-2)
 
 
 def _host_wait_behind_a_busy_gpu(moe) -> tuple[float, float]:
