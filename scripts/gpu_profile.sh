@@ -65,6 +65,13 @@ res=/tmp/moe-lab-prof-results
 mkdir -p "$out" "$res"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
+# Transformer Engine loads the cuDNN it finds first (CUDNN_PATH, CUDNN_HOME, the system's); the
+# device's system cuDNN 9.14 is not torch's 9.19, and with both loaded torch turns its cuDNN off
+# (SDPA falls back to flash: 1.8x slower at shape A). Point TE at torch's, as an NGC container has it.
+if [ -z "${CUDNN_PATH:-}" ]; then
+  CUDNN_PATH=$(python3 -c "import nvidia.cudnn as c; print(list(c.__path__)[0])" 2>/dev/null) \
+    && export CUDNN_PATH
+fi
 pack() { tar czf "$out/results.tgz" -C "$res" . ; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$res/gpu.txt"

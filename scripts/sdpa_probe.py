@@ -9,14 +9,17 @@ reason. Prints JSON.
 
   python scripts/sdpa_probe.py --out sdpa_probe.json [--import-te]    (one GPU; ~1 minute)
 
-`--import-te` imports Transformer Engine first: with TE installed, the tenth session's profiles
-show torch's flash kernel where the runs without TE show cuDNN's.
+`--import-te` imports Transformer Engine first. TE loads the cuDNN it finds first (CUDNN_PATH,
+CUDNN_HOME, then the system's); where that is not torch's own, torch turns its cuDNN off, and
+SDPA falls back to flash (what the profiles of the device runs with TE showed until the twelfth
+session, docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +49,7 @@ def _run(kernel, q, k, v, grad_out):
                                              enable_gqa=k.shape[1] != q.shape[1])
     q.grad = k.grad = v.grad = None
     out.backward(grad_out)
-    return out.detach(), q.grad, k.grad, v.grad
+    return out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()
 
 
 def _default_kernels(q, k, v, grad_out) -> list[str]:
@@ -54,6 +57,7 @@ def _default_kernels(q, k, v, grad_out) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     def step():
+        q.grad = k.grad = v.grad = None
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              enable_gqa=k.shape[1] != q.shape[1])
         out.backward(grad_out)
@@ -96,8 +100,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.import_te:
         import transformer_engine.pytorch  # noqa: F401
+    try:
+        cudnn = torch.backends.cudnn.version()
+    except RuntimeError as error:  # TE loaded another cuDNN than torch's
+        cudnn = str(error).splitlines()[0][:200]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "te_imported": args.import_te,
+              "cudnn": cudnn, "te_imported": args.import_te,
+              "CUDNN_PATH": os.environ.get("CUDNN_PATH"),
               "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled(),
               "shapes": {name: probe_shape(*shape) for name, shape in SHAPES.items()}}
     text = json.dumps(result, indent=1)
