@@ -65,13 +65,10 @@ res=/tmp/moe-lab-prof-results
 mkdir -p "$out" "$res"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
-# Transformer Engine loads the cuDNN it finds first (CUDNN_PATH, CUDNN_HOME, the system's); the
-# device's system cuDNN 9.14 is not torch's 9.19, and with both loaded torch turns its cuDNN off
-# (SDPA falls back to flash: 1.8x slower at shape A). Point TE at torch's, as an NGC container has it.
-if [ -z "${CUDNN_PATH:-}" ]; then
-  CUDNN_PATH=$(python3 -c "import nvidia.cudnn as c; print(list(c.__path__)[0])" 2>/dev/null) \
-    && export CUDNN_PATH
-fi
+# With Transformer Engine imported, torch's own SDPA choice on the device falls back from cuDNN to
+# flash: TE loads a cuDNN 9.14 beside torch's 9.19 (setting CUDNN_PATH to torch's did not
+# change that, sdpa_probe --import-te in the twelfth session). Asked for explicitly, torch's cuDNN
+# attention still runs (model.attention_backend=auto does); transformers' SDPA takes flash there.
 pack() { tar czf "$out/results.tgz" -C "$res" . ; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$res/gpu.txt"

@@ -9,10 +9,10 @@ reason. Prints JSON.
 
   python scripts/sdpa_probe.py --out sdpa_probe.json [--import-te]    (one GPU; ~1 minute)
 
-`--import-te` imports Transformer Engine first. TE loads the cuDNN it finds first (CUDNN_PATH,
-CUDNN_HOME, then the system's); where that is not torch's own, torch turns its cuDNN off, and
-SDPA falls back to flash (what the profiles of the device runs with TE showed until the twelfth
-session, docs/performance.md).
+`--import-te` imports Transformer Engine first. On the device TE then loads a cuDNN
+(9.14) beside torch's (9.19), also with CUDNN_PATH pointing at torch's; torch's version check then
+fails and its default choice falls back to flash, while an explicit request for cuDNN's kernel
+still runs (docs/performance.md, twelfth session).
 """
 
 from __future__ import annotations
