@@ -72,7 +72,8 @@ export PYTHONUNBUFFERED=1
 pack() { tar czf "$out/results.tgz" -C "$res" . ; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$res/gpu.txt"
-quiet() { grep -v -i "warn\|_warn_once\|^  warnings\.\|^$" ; }
+# drops warnings and blank lines, but keeps pytest's summary ("4 passed, 128 warnings")
+quiet() { grep -v -i -P '^(?!.*\d+ (passed|failed)).*warn|^$' ; }
 A=(--preset qwen1.5-moe-a2.7b --layers 4 --seq 4096)
 stages=${STAGES:-"prof1 prof4 ep2 ablate"}
 variants=${VARIANTS:-hf_grouped_bf16,hf_grouped_fp32,mcore_torch_bf16}
