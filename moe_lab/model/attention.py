@@ -5,10 +5,11 @@ kernels on GPUs), for the `torch` backend: megatron's local DotProductAttention 
 Implements megatron's core-attention slot: forward(query, key, value, attention_mask, ...) with
 query [s, b, heads, d] and key/value [s, b, kv_heads, d]; returns [s, b, heads * d].
 
-`config.attention_backend` (model.attention_backend) picks torch's kernel on the GPU. torch's own
-order tries FlashAttention-2 first; cuDNN's fused attention is faster on Hopper
-(scripts/sdpa_probe.py, docs/performance.md), so `auto` asks for it first and falls back to
-torch's order where cuDNN does not take the shape.
+`config.attention_backend` (model.attention_backend) picks torch's kernel on the GPU. On an H200
+torch itself takes cuDNN's fused attention, 1.8x faster than FlashAttention-2 at the bench
+shapes (scripts/sdpa_probe.py), but falls back to flash where its cuDNN version check fails, as
+it does next to a Transformer Engine that loaded another cuDNN (docs/performance.md); an explicit
+request still runs cuDNN's kernel. So `auto` asks for cuDNN first, then torch's order.
 """
 
 from __future__ import annotations

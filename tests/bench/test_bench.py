@@ -41,8 +41,8 @@ def test_unknown_variant_is_one_line():
     assert result.returncode == 2
     assert "training.cross_entropy" in result.stderr and len(result.stderr.splitlines()) == 1
     # a variant of its own layout would need other process groups: refused before any build
-    result = run_cli(["bench", "--preset", TINY_MOE,
-                      "--variants", "mcore_torch_fp32,mcore_torch_fp32+parallel.sequence_parallel=false"])
+    result = run_cli(["bench", "--preset", TINY_MOE, "--variants",
+                      "mcore_torch_fp32,mcore_torch_fp32+parallel.sequence_parallel=false"])
     assert result.returncode == 2
     assert "one parallel layout" in result.stderr and len(result.stderr.splitlines()) == 1
 
