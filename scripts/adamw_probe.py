@@ -14,13 +14,13 @@ Run on a GPU: python scripts/adamw_probe.py [--state fp32|bf16] [--out probe.jso
 """
 
 import argparse
-import json
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from moe_lab.bench.report import print_and_save
 from moe_lab.bench.timing import cuda_event_ms
 from moe_lab.train import master_adamw as M
 
@@ -93,10 +93,7 @@ def main():
     result = {"params": params, "aligned": aligned, "ms": rows,
               "GBps": {k: (34 if k.startswith("torch") else 30) * params / v / 1e6
                        for k, v in rows.items()}}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 def probe_bf16_state(args) -> None:
@@ -150,10 +147,7 @@ def probe_bf16_state(args) -> None:
     result = {"params": params, "ms": rows,
               "GBps": {k: bytes_per[k] * params / v / 1e6 for k, v in rows.items()},
               "norm_rel_err": {k: abs(v - want) / want for k, v in sums.items()}}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ does the same for the routed experts' grouped GEMMs. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from moe_lab.bench.report import print_and_save
 from moe_lab.bench.timing import cuda_event_ms
 
 FP8 = torch.float8_e4m3fn
@@ -75,10 +75,7 @@ def main() -> None:
               "step_dense_gemm_ms": totals,
               "fp8_saving_ms_at_best": totals["bf16"] - best,
               "gpu": torch.cuda.get_device_name()}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

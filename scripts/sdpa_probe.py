@@ -18,13 +18,13 @@ still runs (docs/performance.md, twelfth session).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moe_lab.bench.report import print_and_save
 from moe_lab.bench.timing import cuda_event_ms
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -109,11 +109,7 @@ def main() -> None:
               "CUDNN_PATH": os.environ.get("CUDNN_PATH"),
               "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled(),
               "shapes": {name: probe_shape(*shape) for name, shape in SHAPES.items()}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ratios of every row to each transformers baseline measured in the same run."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from moe_lab.bench.timing import StepTiming
@@ -52,3 +53,12 @@ def to_json(rows: list[BenchRow]) -> list[dict]:
 def from_json(rows: list[dict]) -> list[BenchRow]:
     return [BenchRow(**(r | {"timing": StepTiming(**r["timing"]) if r["timing"] else None}))
             for r in rows]
+
+
+def print_and_save(result: dict, out: str | None) -> None:
+    """A probe's result (scripts/*_probe.py): printed as JSON, and written to `out` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
