@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                         help="comma list of hf_eager, hf_grouped_bf16, hf_grouped_fp32, "
                              "mcore_{local,te,torch}_{fp32,bf16,fp8}; '+key=value' after a "
                              "name gives that variant its own overrides, e.g. "
-                             "mcore_torch_bf16+training.cross_entropy=megatron")
+                             "mcore_torch_bf16+training.cross_entropy=megatron (parallel.* "
+                             "but overlap_grad_reduce only on the command line: one layout)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
